@@ -1,0 +1,259 @@
+"""The LightningModule every DeepLab generation shares.
+
+What is common: cross-entropy ignoring 255; SGD with momentum and weight decay over parameter groups
+(ImageNet-initialised vs new layers, weights vs biases and norms) so each generation's lr multipliers
+are data, not code; a poly (or step) schedule stepped every iteration from `trainer.max_steps`;
+dataset-level metrics (a confusion matrix accumulated over the whole validation set and summed over
+DDP ranks by torchmetrics, never averaged per batch); BatchNorm frozen, fine-tuned or synchronised.
+
+What differs per generation (subclasses in v1.py, v2.py, v3.py): where the loss is computed
+(`compute_loss`) and the defaults their experiments carry.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from deeplab_lit.config import Config, config_from_dict, to_dict
+from deeplab_lit.errors import UserError
+from deeplab_lit.inference import Protocol, predict_probs, protocols_from_config
+from deeplab_lit.models import build_model
+
+IGNORE_INDEX = 255
+
+
+def poly_factor(step: int, max_steps: int, power: float) -> float:
+    """DeepLab's poly policy: (1 - step / max_steps) ** power, 0 from max_steps on."""
+    return max(0.0, 1.0 - step / max_steps) ** power
+
+
+def step_factor(step: int, step_size: int, gamma: float) -> float:
+    """v1's schedule: x gamma every step_size iterations."""
+    return gamma ** (step // step_size)
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged; the last good checkpoint is kept."""
+
+
+class SegmentationModule(L.LightningModule):
+    def __init__(self, config: dict, num_classes: int, class_names: list[str]):
+        super().__init__()
+        # The resolved experiment is the checkpoint's hyper-parameters, so `evaluate` rebuilds it.
+        self.save_hyperparameters()
+        self.cfg: Config = config_from_dict(config)
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.model = build_model(self.cfg.model, num_classes)
+        self.configure_batchnorm()
+        self.set_protocols([Protocol(output_stride=self.cfg.model.output_stride)])
+        self._wandb_images_logged = 0
+
+    # ---------------------------------------------------------------------------- BatchNorm
+    @property
+    def bn_frozen(self) -> bool:
+        return self.cfg.model.bn == "frozen"
+
+    def batchnorm_layers(self):
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def configure_batchnorm(self) -> None:
+        """frozen: ImageNet statistics and affine kept (v2); finetune/sync: momentum from the config."""
+        for bn in self.batchnorm_layers():
+            if self.bn_frozen:
+                for parameter in bn.parameters():
+                    parameter.requires_grad_(False)
+            else:
+                bn.momentum = self.cfg.model.bn_momentum
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.bn_frozen:
+            for bn in self.batchnorm_layers():
+                bn.eval()  # frozen BatchNorm normalises with its running statistics, even in training
+        return self
+
+    # ---------------------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict]:
+        """SGD groups: {pretrained, new} x {weights, biases and norm parameters}.
+
+        lr multipliers: new layers `optim.new_lr_mult`, biases `optim.bias_lr_mult` on top (Caffe's
+        lr_mult 1/2 for ImageNet layers and 10/20 for the classifier in v1/v2); biases and norm
+        parameters get weight decay only if `optim.bias_weight_decay`.
+        """
+        optim = self.cfg.optim
+        groups = []
+        for origin, named in self.model.named_parameter_groups().items():
+            origin_mult = optim.new_lr_mult if origin == "new" else 1.0
+            weights = [p for name, p in named if p.requires_grad and p.ndim > 1]
+            biases = [p for name, p in named if p.requires_grad and p.ndim <= 1]
+            if weights:
+                groups.append(
+                    {"name": f"{origin}", "params": weights, "lr_mult": origin_mult, "weight_decay": optim.weight_decay}
+                )
+            if biases:
+                groups.append(
+                    {
+                        "name": f"{origin}_bias",
+                        "params": biases,
+                        "lr_mult": origin_mult * optim.bias_lr_mult,
+                        "weight_decay": optim.weight_decay if optim.bias_weight_decay else 0.0,
+                    }
+                )
+        for group in groups:
+            group["lr"] = self.cfg.optim.lr * group["lr_mult"]
+        return groups
+
+    def lr_factor(self, step: int) -> float:
+        optim = self.cfg.optim
+        if optim.schedule == "step":
+            return step_factor(step, optim.step_size, optim.step_gamma)
+        return poly_factor(step, self.max_steps, optim.poly_power)
+
+    @property
+    def max_steps(self) -> int:
+        steps = self.trainer.max_steps if self._trainer is not None else self.cfg.trainer.get("max_steps", -1)
+        if not steps or steps < 0:
+            raise UserError("trainer.max_steps must be set: the poly schedule is defined by it")
+        return steps
+
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        optimizer = torch.optim.SGD(self.parameter_groups(), lr=optim.lr, momentum=optim.momentum)
+        # Stepped every iteration (interval "step"), so the learning rate decays smoothly within epochs.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---------------------------------------------------------------------------- training
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def compute_loss(self, outputs: dict, masks: torch.Tensor) -> torch.Tensor:
+        """v3/v3+: cross-entropy of the logits upsampled to the full-resolution ground truth."""
+        return F.cross_entropy(outputs["out"], masks, ignore_index=IGNORE_INDEX)
+
+    def training_step(self, batch, batch_idx):
+        outputs = self(batch["image"])
+        loss = self.compute_loss(outputs, batch["mask"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.global_step}; stopping (the last good checkpoint is "
+                "kept); lower optim.lr or check the data"
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["image"]))
+        self.log("lr-SGD", self.cfg.optim.lr * self.lr_factor(self.global_step), on_step=True, on_epoch=False)
+        return loss
+
+    # ---------------------------------------------------------------------------- evaluation
+    def set_protocols(self, protocols: list[Protocol]) -> None:
+        """Which protocols validation computes; each gets its own dataset-level metrics."""
+        self.protocols = list(protocols)
+        metrics = {}
+        for protocol in self.protocols:
+            for crf in [False, True] if protocol.crf else [False]:
+                key = self.metric_key(protocol, crf)
+                metrics[key] = nn.ModuleDict(
+                    {
+                        "iou": MulticlassJaccardIndex(
+                            self.num_classes, average="none", ignore_index=IGNORE_INDEX, zero_division=float("nan")
+                        ),
+                        "acc": MulticlassAccuracy(self.num_classes, average="micro", ignore_index=IGNORE_INDEX),
+                    }
+                )
+        device = next(self.model.parameters()).device
+        self.eval_metrics = nn.ModuleDict(metrics).to(device)
+
+    @staticmethod
+    def metric_key(protocol: Protocol, crf: bool) -> str:
+        return f"mIoU{protocol.metric_suffix}{'_crf' if crf else ''}"
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_started = time.time()
+        self._wandb_images_logged = 0
+
+    def validation_step(self, batch, batch_idx):
+        masks = batch["mask"]
+        for protocol in self.protocols:
+            probs = predict_probs(self.model, batch["image"], protocol)
+            self._update(self.metric_key(protocol, False), probs, masks)
+            if protocol.crf:
+                refined = self.apply_crf(probs, batch["rgb"])
+                self._update(self.metric_key(protocol, True), refined, masks)
+            if protocol is self.protocols[0]:
+                self.log_prediction_images(batch, probs)
+
+    def apply_crf(self, probs: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+        from deeplab_lit.crf import dense_crf
+
+        return dense_crf(probs, rgb, params=self.cfg.crf, backend=self.cfg.crf.backend)
+
+    def _update(self, key: str, probs: torch.Tensor, masks: torch.Tensor) -> None:
+        predictions = probs.argmax(dim=1)
+        self.eval_metrics[key]["iou"].update(predictions, masks)
+        self.eval_metrics[key]["acc"].update(predictions, masks)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_results = {}
+        for key, metric in self.eval_metrics.items():
+            per_class = metric["iou"].compute()
+            accuracy = metric["acc"].compute()
+            metric["iou"].reset()
+            metric["acc"].reset()
+            miou = mean_iou(per_class)
+            self.log(f"val/{key}", miou, sync_dist=False)
+            suffix = key[len("mIoU") :]
+            self.log(f"val/pixel_acc{suffix}", accuracy, sync_dist=False)
+            if key == "mIoU":
+                for name, value in zip(self.class_names, per_class.tolist()):
+                    self.log(f"val/iou/{name}", value, sync_dist=False)
+            self.last_results[key] = {
+                "mIoU": float(miou),
+                "pixel_acc": float(accuracy),
+                "per_class_iou": dict(zip(self.class_names, [float(v) for v in per_class.tolist()])),
+            }
+
+    def log_prediction_images(self, batch, probs: torch.Tensor) -> None:
+        """A few validation images with predicted and true masks, when a W&B logger is attached."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        limit = self.cfg.wandb.log_images
+        logger = next((lg for lg in self.loggers if isinstance(lg, WandbLogger)), None)
+        if logger is None or self._wandb_images_logged >= limit or self.global_rank != 0 or "rgb" not in batch:
+            return
+        import wandb
+
+        labels = {i: name for i, name in enumerate(self.class_names)}
+        labels[IGNORE_INDEX] = "ignore"
+        images = []
+        for rgb, mask, prob in zip(batch["rgb"], batch["mask"], probs):
+            if self._wandb_images_logged >= limit:
+                break
+            images.append(
+                wandb.Image(
+                    rgb.cpu().numpy(),
+                    masks={
+                        "prediction": {"mask_data": prob.argmax(0).cpu().numpy().astype("uint8"), "class_labels": labels},
+                        "ground_truth": {"mask_data": mask.cpu().numpy().astype("uint8"), "class_labels": labels},
+                    },
+                )
+            )
+            self._wandb_images_logged += 1
+        if images:
+            logger.experiment.log({"val/predictions": images}, commit=False)
+
+    def config_dict(self) -> dict:
+        return to_dict(self.cfg)
+
+
+def mean_iou(per_class: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes that occur in prediction or ground truth of the evaluated set.
+
+    The per-class IoU comes from `MulticlassJaccardIndex(zero_division=nan)`: a class with an empty
+    union is NaN and left out, rather than counted as 0 against the model.
+    """
+    return per_class.nanmean()
