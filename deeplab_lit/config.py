@@ -206,7 +206,7 @@ def config_from_dict(raw: dict) -> Config:
     parser = _parser()
     try:
         namespace = parser.parse_object({"cfg": raw})
-        cfg = parser.instantiate_classes(namespace).cfg
+        cfg = parser.instantiate(namespace).cfg
     except Exception as error:  # jsonargparse raises ArgumentError/TypeError with a multi-line text
         raise UserError(_one_line(str(error))) from None
     _check_semantics(cfg)

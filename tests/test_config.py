@@ -1,0 +1,171 @@
+"""Experiments resolve, match the rows of PAPERS.md, and bad overrides fail with one clear line."""
+import subprocess
+import sys
+
+import pytest
+
+from deeplab_lit.config import flat_keys, list_experiments, load_experiment
+from deeplab_lit.errors import UserError
+
+# id: the keys that define the row, as PAPERS.md states them.
+V1 = dict(generation="v1", backbone="vgg16", head="fc", output_stride=8, crop=321, batch=20, lr=0.001, steps=6000)
+V2_VGG = dict(generation="v2", backbone="vgg16", head="fc", fc6_width=1024, fc6_kernel=3, output_stride=8, crop=321,
+              batch=10, lr=0.001, steps=20000, scale=[0.5, 1.5])
+V2_R101 = dict(generation="v2", backbone="resnet101", output_stride=8, crop=321, batch=10, lr=0.00025, steps=20000,
+               bn="frozen")
+V3 = dict(generation="v3", backbone="resnet101", output_stride=16, crop=513, batch=16, lr=0.007, steps=30000,
+          scale=[0.5, 2.0], bn="finetune")
+ROWS = {
+    "v1_7x7": {**V1, "fc6_kernel": 7, "aspp_rates": [4], "fc6_width": 4096, "miou": 64.38, "miou_crf": 67.64},
+    "v1_4x4": {**V1, "fc6_kernel": 4, "aspp_rates": [4], "fc6_width": 4096, "miou": 59.80, "miou_crf": 63.74},
+    "v1_4x4_r8": {**V1, "fc6_kernel": 4, "aspp_rates": [8], "fc6_width": 4096, "miou": 63.41, "miou_crf": 67.14},
+    "largefov": {**V1, "fc6_kernel": 3, "aspp_rates": [12], "fc6_width": 1024, "miou": 62.25, "miou_crf": 67.64},
+    "v1_msc": {**V1, "fc6_kernel": 4, "aspp_rates": [4], "msc_features": True, "miou": 61.30, "miou_crf": 65.21},
+    "v1_msc_largefov": {**V1, "fc6_kernel": 3, "aspp_rates": [12], "fc6_width": 1024, "msc_features": True,
+                        "miou": 64.21, "miou_crf": 68.70},
+    "v2_largefov": {**V2_VGG, "aspp_rates": [12], "miou": 65.76, "miou_crf": 69.84},
+    "aspp_s": {**V2_VGG, "aspp_rates": [2, 4, 8, 12], "miou": 66.98, "miou_crf": 69.73},
+    "aspp_l": {**V2_VGG, "aspp_rates": [6, 12, 18, 24], "miou": 68.96, "miou_crf": 71.57},
+    "v2_r101": {**V2_R101, "head": "classifier", "msc_scales": [], "scale": [1.0, 1.0], "miou": 68.72},
+    "v2_r101_msc": {**V2_R101, "head": "classifier", "msc_scales": [1.0, 0.75, 0.5], "scale": [1.0, 1.0],
+                    "miou": 71.27},
+    "v2_r101_msc_coco": {**V2_R101, "head": "classifier", "msc_scales": [1.0, 0.75, 0.5], "miou": 73.28},
+    "v2_r101_msc_coco_aug": {**V2_R101, "head": "classifier", "scale": [0.5, 1.5], "miou": 74.87},
+    "v2_r101_largefov": {**V2_R101, "head": "atrous_classifier", "aspp_rates": [12], "miou": 75.54},
+    "v2_r101_aspp": {**V2_R101, "head": "atrous_classifier", "aspp_rates": [6, 12, 18, 24], "crf": True,
+                     "miou": 76.35, "miou_crf": 77.69},
+    "cityscapes_v2_r101": {"head": "classifier", "data": "cityscapes", "eval_mode": "slide", "miou": 66.6},
+    "cityscapes_v2_r101_largefov": {"head": "atrous_classifier", "aspp_rates": [12], "eval_mode": "slide",
+                                    "miou": 69.2},
+    "cityscapes_v2_r101_aspp": {"aspp_rates": [6, 12, 18, 24], "scale": [1.0, 1.0], "miou": 70.4},
+    "cityscapes_v2_r101_aspp_aug": {"aspp_rates": [6, 12, 18, 24], "scale": [0.5, 1.5], "crf": True,
+                                    "miou": 71.0, "miou_crf": 71.4},
+    "v3_r50_block7_os8": {**V3, "backbone": "resnet50", "cascade_blocks": 3, "output_stride": 8, "miou": 75.18},
+    "v3_r50_block7_os16": {**V3, "backbone": "resnet50", "cascade_blocks": 3, "output_stride": 16, "miou": 73.88},
+    "v3_r50_block7_os32": {**V3, "backbone": "resnet50", "cascade_blocks": 3, "output_stride": 32, "miou": 70.06},
+    "v3_block7_mg111": {**V3, "cascade_blocks": 3, "multi_grid": [1, 1, 1], "miou": 75.76},
+    "v3_block7_mg121": {**V3, "cascade_blocks": 3, "multi_grid": [1, 2, 1], "miou": 76.66},
+    "v3_block7_mg123": {**V3, "cascade_blocks": 3, "multi_grid": [1, 2, 3], "miou": 76.11},
+    "v3_block7_mg124": {**V3, "cascade_blocks": 3, "multi_grid": [1, 2, 4], "miou": 76.02},
+    "v3_block7_mg222": {**V3, "cascade_blocks": 3, "multi_grid": [2, 2, 2], "miou": 74.62},
+    "v3_aspp_mg111": {**V3, "head": "aspp", "multi_grid": [1, 1, 1], "aspp_rates": [6, 12, 18],
+                      "image_pooling": False, "miou": 75.36},
+    "v3_aspp_mg121": {**V3, "head": "aspp", "multi_grid": [1, 2, 1], "image_pooling": False, "miou": 75.93},
+    "v3_aspp_mg124": {**V3, "head": "aspp", "multi_grid": [1, 2, 4], "image_pooling": False, "miou": 76.58},
+    "v3_aspp_mg124_r24": {**V3, "head": "aspp", "aspp_rates": [6, 12, 18, 24], "image_pooling": False,
+                          "miou": 76.46},
+    "v3": {**V3, "head": "aspp", "multi_grid": [1, 2, 4], "aspp_rates": [6, 12, 18], "image_pooling": True,
+           "cascade_blocks": 0, "miou": 77.21},
+    "v3_train_os8": {**V3, "output_stride": 8, "batch": 6, "eval_os": 16, "miou": 74.45},
+    "v3_train_os32": {**V3, "output_stride": 32, "batch": 24, "eval_os": 16, "miou": 75.90},
+    "cityscapes_v3": {"generation": "v3", "data": "cityscapes", "crop": 769, "steps": 90000, "miou": 77.23},
+    "v3plus": {**V3, "generation": "v3plus", "decoder_channels": 48, "decoder_convs": 2, "miou": 78.85},
+    "v3plus_1conv": {**V3, "generation": "v3plus", "decoder_channels": 48, "decoder_convs": 1, "miou": 78.21},
+    "v3plus_train_os32": {"generation": "v3plus", "output_stride": 32, "miou": 77.37},
+    "cityscapes_v3plus": {"generation": "v3plus", "data": "cityscapes", "crop": 769, "steps": 90000},
+}
+
+GETTERS = {
+    "generation": lambda c: c.model.generation, "backbone": lambda c: c.model.backbone,
+    "head": lambda c: c.model.head, "output_stride": lambda c: c.model.output_stride,
+    "aspp_rates": lambda c: c.model.aspp_rates, "multi_grid": lambda c: c.model.multi_grid,
+    "cascade_blocks": lambda c: c.model.cascade_blocks, "image_pooling": lambda c: c.model.image_pooling,
+    "fc6_kernel": lambda c: c.model.fc6_kernel, "fc6_width": lambda c: c.model.fc6_width,
+    "msc_features": lambda c: c.model.msc_features, "msc_scales": lambda c: c.model.msc_scales,
+    "decoder_channels": lambda c: c.model.decoder_channels, "decoder_convs": lambda c: c.model.decoder_convs,
+    "bn": lambda c: c.model.bn, "crop": lambda c: c.data.crop_size, "batch": lambda c: c.data.batch_size,
+    "scale": lambda c: c.data.scale_range, "data": lambda c: c.data.name, "lr": lambda c: c.optim.lr,
+    "steps": lambda c: c.trainer["max_steps"], "crf": lambda c: c.crf.enabled,
+    "eval_mode": lambda c: c.eval.mode, "eval_os": lambda c: c.eval.output_stride,
+    "miou": lambda c: c.paper.miou, "miou_crf": lambda c: c.paper.miou_crf,
+}
+
+
+def test_every_paper_row_has_an_experiment_and_nothing_else_exists():
+    assert set(list_experiments()) == set(ROWS) | {"demo"}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_experiment_matches_paper_row(name):
+    cfg = load_experiment(name)
+    for key, expected in ROWS[name].items():
+        assert GETTERS[key](cfg) == expected, f"{name}: {key}"
+    assert cfg.description and cfg.paper.source
+
+
+def test_recipes_per_generation():
+    v1, v2v, v2r, v3 = (load_experiment(n) for n in ["largefov", "aspp_l", "v2_r101_aspp", "v3"])
+    assert (v1.optim.schedule, v1.optim.step_size, v1.optim.step_gamma) == ("step", 2000, 0.1)
+    assert (v1.optim.new_lr_mult, v1.optim.bias_lr_mult, v1.optim.weight_decay) == (10, 2, 0.0005)
+    assert (v2v.optim.schedule, v2v.optim.poly_power) == ("poly", 0.9)
+    assert (v2v.crf.bi_w, v2v.crf.bi_xy_std, v2v.crf.bi_rgb_std, v2v.crf.pos_w, v2v.crf.pos_xy_std) == (4, 65, 3, 2, 2)
+    assert (v2r.crf.bi_w, v2r.crf.bi_xy_std, v2r.crf.bi_rgb_std, v2r.crf.pos_w, v2r.crf.pos_xy_std) == (4, 67, 3, 3, 1)
+    assert v2r.optim.new_lr_mult * v2r.optim.bias_lr_mult == 20 and not v2r.optim.bias_weight_decay
+    assert (v3.model.bn_momentum, v3.optim.weight_decay, v3.optim.momentum) == (0.0003, 0.0001, 0.9)
+    assert [p["name"] for p in v3.eval.protocols] == ["os8", "os8_ms", "os8_ms_flip"]
+    assert v3.paper.metrics == {"val/mIoU_os8": 78.51, "val/mIoU_os8_ms": 79.45, "val/mIoU_os8_ms_flip": 79.77}
+
+
+def test_overrides_are_typed():
+    cfg = load_experiment("v3", ["model.output_stride=8", "model.multi_grid=[1, 2, 1]", "optim.lr=0.01",
+                                 "crf.enabled=true", "trainer.max_steps=2", "wandb.tags=[a, b]"])
+    assert cfg.model.output_stride == 8 and cfg.model.multi_grid == [1, 2, 1] and cfg.optim.lr == 0.01
+    assert cfg.crf.enabled is True and cfg.trainer["max_steps"] == 2 and cfg.wandb.tags == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.output_stride=12", 'config key "model.output_stride": expected one of [8, 16, 32]. Got value: 12'),
+        ("model.outptu_stride=8", "unknown config key 'model.outptu_stride' (did you mean 'model.output_stride'?)"),
+        ("trainer.max_step=3", "unknown config key 'trainer.max_step': not an argument of lightning.Trainer (did you mean 'trainer.max_steps'?)"),
+        ("model.multi_grid=[1, 2]", "model.multi_grid=[1, 2]: needs three rates (r1, r2, r3)"),
+        ("model.backbone=resnet18", 'config key "model.backbone": expected one of'),
+        ("eval.output_stride=7", "eval.output_stride=7 is not valid; choose one of 8, 16, 32"),
+        ("data.scale_range=[2.0, 0.5]", "data.scale_range=[2.0, 0.5]: needs [lo, hi] with 0 < lo <= hi"),
+        ("noequals", "override 'noequals' is not of the form section.key=value"),
+    ],
+)
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(UserError) as error:
+        load_experiment("v3", [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_experiment_suggests():
+    with pytest.raises(UserError, match=r"unknown experiment 'aspp_ll' \(did you mean 'aspp_l'\?\)"):
+        load_experiment("aspp_ll")
+
+
+def test_public_keys_of_design_md_exist():
+    design_keys = {
+        "model.generation", "model.backbone", "model.output_stride", "model.multi_grid", "model.aspp_rates",
+        "model.image_pooling", "model.cascade_blocks", "model.msc_scales", "model.decoder_channels",
+        "model.pretrained", "data.name", "data.root", "data.crop_size", "data.batch_size", "data.num_workers",
+        "data.scale_range", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.poly_power",
+        "eval.output_stride", "eval.scales", "eval.flip", "eval.mode", "crf.enabled", "crf.iterations",
+        "crf.bi_w", "crf.bi_xy_std", "crf.bi_rgb_std", "crf.pos_w", "crf.pos_xy_std", "crf.backend",
+        "wandb.mode", "wandb.project", "wandb.entity", "wandb.group", "wandb.tags", "seed",
+    }
+    assert design_keys <= flat_keys()
+
+
+def _fit(*args):
+    return subprocess.run([sys.executable, "-m", "deeplab_lit.fit", *args], capture_output=True, text=True)
+
+
+def test_cli_list_print_config_and_errors():
+    listed = _fit("--list")
+    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == len(ROWS) + 1
+    assert any(line.startswith("aspp_l ") and "ASPP-L" in line for line in listed.stdout.splitlines())
+    printed = _fit("--experiment", "v3", "--model.output_stride=8", "--print-config")
+    assert printed.returncode == 0 and "output_stride: 8" in printed.stdout and "name: v3" in printed.stdout
+    for args, text in [
+        (["--experiment", "nope"], "error: unknown experiment 'nope'"),
+        (["--experiment", "v3", "--model.output_stride=12"], "model.output_stride"),
+        (["--experiment", "v3", "--model.output_stride"], "override '--model.output_stride' has no value"),
+    ]:
+        result = _fit(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and text in result.stderr
