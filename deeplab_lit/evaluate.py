@@ -101,12 +101,15 @@ def parse_args(argv):
     parser.add_argument("--split", default="val", help="dataset split (default val)")
     parser.add_argument("--json", metavar="FILE", help="write protocol and metrics here")
     parser.add_argument("--experiment", help="refuse a checkpoint that was not trained for this experiment")
+    parser.add_argument("--crf-params", metavar="FILE", help="CRF parameters (crf_best.yaml of crf.search)")
     args, rest = parser.parse_known_args(argv)
     return args, split_overrides(rest)
 
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
+    if args.crf_params:
+        overrides = crf_param_overrides(args.crf_params) + overrides
     checkpoint = read_checkpoint(args.checkpoint)
     hparams = checkpoint["hyper_parameters"]
     stored = hparams["config"]
@@ -130,6 +133,18 @@ def main(argv: list[str]) -> int:
         else:
             kept.append(override)
     return evaluate(args.checkpoint, checkpoint, kept, args.split, args.json, resume_wandb)
+
+
+def crf_param_overrides(path: str) -> list[str]:
+    """`crf: {bi_w: .., ...}` from a YAML file (crf.search's crf_best.yaml) as overrides."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise UserError(f"--crf-params {path}: no such file; `python -m deeplab_lit.crf.search` writes crf_best.yaml")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data.get("crf"), dict):
+        raise UserError(f"--crf-params {path}: expected a 'crf:' mapping of CRF parameters")
+    return [f"crf.{key}={value}" for key, value in data["crf"].items()]
 
 
 def evaluate(path, checkpoint, overrides, split, json_path, resume_wandb) -> int:
