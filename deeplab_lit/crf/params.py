@@ -1,0 +1,77 @@
+"""CRF parameters: the five kernel parameters and the number of mean-field iterations.
+
+`resolve_params` accepts the `CRFConfig` dataclass of deeplab_lit/config.py (extra attributes such
+as `enabled` and `backend` are ignored), a plain dict with the same keys, a `CRFParams`, or None for
+the DeepLab v2 ResNet-101 values (v2 paper, section 4.1: w1 = 4, sigma_alpha = 67, sigma_beta = 3,
+w2 = 3, sigma_gamma = 1, 10 iterations).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from deeplab_lit.crf.errors import CRFInputError
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Krähenbühl & Koltun's two kernels with Potts compatibility.
+
+    bi_w, bi_xy_std, bi_rgb_std: appearance kernel w1 exp(-|p_i-p_j|^2/2 sa^2 - |I_i-I_j|^2/2 sb^2)
+    pos_w, pos_xy_std: smoothness kernel w2 exp(-|p_i-p_j|^2/2 sg^2)
+    iterations: mean-field iterations (0 returns the clipped, renormalised input)
+    """
+
+    iterations: int = 10
+    bi_w: float = 4.0
+    bi_xy_std: float = 67.0
+    bi_rgb_std: float = 3.0
+    pos_w: float = 3.0
+    pos_xy_std: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.iterations, numbers.Integral) or isinstance(self.iterations, bool) or self.iterations < 0:
+            raise CRFInputError(f"crf.iterations must be an integer >= 0, got {self.iterations!r}")
+        for name in ("bi_w", "pos_w"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise CRFInputError(f"crf.{name} must be a finite number, got {value!r}")
+        for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise CRFInputError(f"crf.{name} must be a positive number, got {value!r}")
+
+    @property
+    def bilateral_key(self) -> tuple[float, float]:
+        """What the appearance kernel's lattice depends on (rebuilt when it changes)."""
+        return (float(self.bi_xy_std), float(self.bi_rgb_std))
+
+
+PARAM_NAMES = tuple(f.name for f in fields(CRFParams))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def resolve_params(params: Any = None) -> CRFParams:
+    """CRFParams from None (v2 ResNet defaults), a CRFParams, a mapping or any object with the attributes."""
+    if params is None:
+        return CRFParams()
+    if isinstance(params, CRFParams):
+        return params
+    values = {}
+    for name in PARAM_NAMES:
+        if isinstance(params, Mapping):
+            if name not in params:
+                raise CRFInputError(f"CRF parameters lack '{name}': give all of {', '.join(PARAM_NAMES)}")
+            values[name] = params[name]
+        else:
+            if not hasattr(params, name):
+                raise CRFInputError(
+                    f"CRF parameters ({type(params).__name__}) lack attribute '{name}': give all of "
+                    f"{', '.join(PARAM_NAMES)}")
+            values[name] = getattr(params, name)
+    return CRFParams(**values)
