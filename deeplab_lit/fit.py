@@ -117,8 +117,9 @@ def build_callbacks(cfg: Config, checkpoint_dir: Path):
         save_last=True,
         auto_insert_metric_name=False,  # metric names contain '/', which would become directories
     )
-    callbacks = [best, LearningRateMonitor(logging_interval="step"), SaveOnSigterm(checkpoint_dir)]
-    callbacks.append(RichProgressBar(leave=True))
+    callbacks = [best, SaveOnSigterm(checkpoint_dir), RichProgressBar(leave=True)]
+    if cfg.wandb.mode != "disabled":  # the monitor needs a logger; with W&B disabled there is none
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     return best, callbacks
 
 
@@ -148,7 +149,9 @@ def main(argv: list[str]) -> int:
     return train(cfg, overrides, args.run_dir, args.resume)
 
 
-def train(cfg: Config, overrides: list[str], run_dir: str | None = None, resume: str | None = None) -> int:
+def train(
+    cfg: Config, overrides: list[str], run_dir: str | None = None, resume: str | None = None, callbacks=()
+) -> int:
     import lightning as L
     import torch
 
@@ -167,12 +170,12 @@ def train(cfg: Config, overrides: list[str], run_dir: str | None = None, resume:
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule.num_classes, datamodule.class_names)
 
-    best, callbacks = build_callbacks(cfg, checkpoint_dir)
+    best, default_callbacks = build_callbacks(cfg, checkpoint_dir)
     arguments = trainer_arguments(cfg)
     trainer = L.Trainer(
         **arguments,
         default_root_dir=str(run_path),
-        callbacks=callbacks,
+        callbacks=[*default_callbacks, *callbacks],
         logger=False,  # set below, once the world size (for the effective batch size) is known
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         use_distributed_sampler=False,  # the DataModule shards itself: evaluation must not pad
@@ -197,6 +200,8 @@ def train(cfg: Config, overrides: list[str], run_dir: str | None = None, resume:
             (run_path / "wandb_id").write_text(str(loggers[0].version))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    # The final state, whatever the validation interval: what a later resume or evaluation starts from.
+    trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"))
 
     # Final evaluation: the best checkpoint under every protocol of the experiment.
     best_path = best.best_model_path or best.last_model_path
@@ -229,6 +234,8 @@ def train(cfg: Config, overrides: list[str], run_dir: str | None = None, resume:
         print(f"summary: {summary_path}")
         for logger in trainer.loggers:
             logger.experiment.summary.update({**summary["metrics"], "summary_json": str(summary_path)})
+    for logger in trainer.loggers:
+        logger.experiment.finish()  # the next run in this process (a sweep, a test) starts its own
     return 0
 
 

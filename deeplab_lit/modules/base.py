@@ -11,9 +11,11 @@ What differs per generation (subclasses in v1.py, v2.py, v3.py): where the loss 
 """
 from __future__ import annotations
 
+import random
 import time
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,6 +151,29 @@ class SegmentationModule(L.LightningModule):
         self.log("lr-SGD", self.cfg.optim.lr * self.lr_factor(self.global_step), on_step=True, on_epoch=False)
         return loss
 
+    # ---------------------------------------------------------------------------- resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Random states travel with the checkpoint, so a resumed run draws the same dropout masks and
+        worker seeds as an uninterrupted one."""
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # plain types and tensors only: Lightning reads checkpoints with torch.load(weights_only=True)
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        name, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        random.setstate(states["python"])
+
     # ---------------------------------------------------------------------------- evaluation
     def set_protocols(self, protocols: list[Protocol]) -> None:
         """Which protocols validation computes; each gets its own dataset-level metrics."""
@@ -248,6 +273,11 @@ class SegmentationModule(L.LightningModule):
 
     def config_dict(self) -> dict:
         return to_dict(self.cfg)
+
+
+def _numpy_state_to_plain(state) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
 
 
 def mean_iou(per_class: torch.Tensor) -> torch.Tensor:
