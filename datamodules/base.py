@@ -1,0 +1,173 @@
+"""The DataModule every dataset shares; a dataset subclass only says where its samples are."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from deeplab_lit.errors import UserError
+from datamodules.dataset import Sample, SegmentationDataset
+from datamodules.loaders import ShardSampler, distributed_rank, pad_collate, train_sampler, worker_init
+from datamodules.readers import IGNORE_INDEX, valid_value_table
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, eval_transform, train_transform
+
+
+def default_data_dir() -> Path:
+    """Where `data.root: ""` points for the real datasets: $DEEPLAB_LIT_DATA or ./data."""
+    return Path(os.environ.get("DEEPLAB_LIT_DATA", "data"))
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Subclasses set `num_classes`, `class_names`, `train_split`, `eval_splits`, `prepare_command`
+    and implement `samples(split)`; everything else (transforms, loaders, sharding) lives here.
+
+    `data.batch_size` and `data.eval_batch_size` are per process: under DDP the effective training
+    batch is batch_size x world size.
+    """
+
+    num_classes: int
+    class_names: list[str]
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = ("train", "val")
+    prepare_command: str = ""
+    default_root_name: str = ""
+    ignore_index = IGNORE_INDEX
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    mean_rgb_uint8 = MEAN_RGB_UINT8
+
+    def __init__(self, data_cfg, seed: Optional[int] = None):
+        super().__init__()
+        self.cfg = data_cfg
+        self._seed = seed
+        check_data_config(data_cfg)
+        self.root = Path(data_cfg.root) if data_cfg.root else default_data_dir() / self.default_root_name
+        self.train_dataset: Optional[SegmentationDataset] = None
+        self.val_dataset: Optional[SegmentationDataset] = None
+        self._eval_datasets: dict[str, SegmentationDataset] = {}
+
+    # -- what a dataset subclass provides -------------------------------------------------------
+    def samples(self, split: str) -> list[Sample]:
+        raise NotImplementedError
+
+    def mask_values(self) -> tuple[np.ndarray, str, Optional[np.ndarray]]:
+        """(legal stored values as a 256-bool table, their description, optional value -> id map)."""
+        return valid_value_table(self.num_classes), f"0..{self.num_classes - 1} or 255", None
+
+    def check_root(self) -> None:
+        if not self.root.is_dir():
+            raise UserError(
+                f"data.root {self.root} does not exist; prepare it with "
+                f"`python -m datamodules.prepare {self.prepare_command} --root {self.root}` or set data.root"
+            )
+
+    # -- datasets -------------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        """The data seed: the one given, else torch's initial seed (what seed_everything set), so
+        that every DDP rank agrees on the training permutation."""
+        return self._seed if self._seed is not None else torch.initial_seed() % 2**31
+
+    def _dataset(self, split: str, *, train: bool) -> SegmentationDataset:
+        valid, expected, label_map = self.mask_values()
+        if train:
+            transform = train_transform(
+                crop_size=self.cfg.crop_size,
+                scale_range=tuple(self.cfg.scale_range),
+                flip=self.cfg.flip,
+                seed=self.seed,
+            )
+        else:
+            transform = eval_transform()
+        return SegmentationDataset(
+            self.samples(split),
+            transform,
+            valid_values=valid,
+            expected_values=expected,
+            label_map=label_map,
+            with_rgb=not train,
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check_root()
+        if stage in ("fit", None) and self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_split, train=True)
+        if self.val_dataset is None:
+            self.val_dataset = self.eval_dataset("val")
+
+    def eval_dataset(self, split: str) -> SegmentationDataset:
+        """The whole-image evaluation dataset of a split (items carry "rgb")."""
+        if split not in self.eval_splits:
+            raise UserError(f"split {split!r} is not one of {', '.join(self.eval_splits)} for this dataset")
+        if split not in self._eval_datasets:
+            self.check_root()
+            self._eval_datasets[split] = self._dataset(split, train=False)
+        return self._eval_datasets[split]
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _loader_kwargs(self) -> dict:
+        workers = self.cfg.num_workers
+        return dict(
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=worker_init if workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        world, rank = distributed_rank()
+        sampler = train_sampler(self.train_dataset, seed=self.seed, num_replicas=world, rank=rank)
+        if len(sampler) < self.cfg.batch_size:
+            raise UserError(
+                f"data.batch_size={self.cfg.batch_size} is larger than this process's share of the "
+                f"training set ({len(sampler)} images); lower data.batch_size"
+            )
+        # Augmentation randomness: worker w of rank r draws from the seed of (data seed, rank) + w.
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0]))
+        if self.cfg.num_workers == 0:
+            self.train_dataset.seed(int(torch.randint(2**31, (1,), generator=generator)))
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            generator=generator,
+            **self._loader_kwargs(),
+        )
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        dataset = self.eval_dataset(split)
+        world, rank = distributed_rank()
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.eval_batch_size,
+            sampler=ShardSampler(len(dataset), world, rank),
+            collate_fn=pad_collate,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """`trainer.test` evaluates on val: the papers report val numbers (VOC test is server-only)."""
+        return self.eval_dataloader("val")
+
+
+def check_data_config(cfg) -> None:
+    """Values a user can get wrong on the command line, each named by its key."""
+    if cfg.crop_size < 1:
+        raise UserError(f"data.crop_size={cfg.crop_size} must be a positive number of pixels")
+    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
+    if cfg.num_workers < 0:
+        raise UserError(f"data.num_workers={cfg.num_workers} must be 0 or more")
+    if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
+        raise UserError(f"data.scale_range={list(cfg.scale_range)} must be [low, high] with 0 < low <= high")

@@ -1,0 +1,82 @@
+"""One map-style dataset for every source: a list of (name, image file, mask file) and a transform."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from deeplab_lit.errors import UserError
+from datamodules.readers import check_mask_values, read_image, read_index_png
+
+
+class Sample(NamedTuple):
+    name: str
+    image: Path
+    mask: Path
+
+
+class SegmentationDataset(Dataset):
+    """Items are dicts: "image" float32 3 x H x W (normalised), "mask" int64 H x W (255 = ignore),
+    "name" str, and with `with_rgb` (evaluation) "rgb" uint8 H x W x 3, the unnormalised image.
+
+    `valid_values` (256 bools) says which stored mask values are legal; anything else raises a
+    UserError naming the file and the value. `label_map` (256 uint8), if given, then maps stored
+    values to training ids (Cityscapes labelIds -> trainIds).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: A.Compose,
+        *,
+        valid_values: np.ndarray,
+        expected_values: str,
+        label_map: Optional[np.ndarray] = None,
+        with_rgb: bool = False,
+    ):
+        self.samples = samples
+        self.transform = transform
+        self.valid_values = valid_values
+        self.expected_values = expected_values
+        self.label_map = label_map
+        self.with_rgb = with_rgb
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def seed(self, seed: int) -> None:
+        """Reseed the augmentation. albumentations keeps its own RNG, which forked DataLoader workers
+        would otherwise inherit identically (every worker producing the same crops)."""
+        self.transform.set_random_seed(seed % 2**32)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded RGB image and its label map (after `label_map`), both unaugmented."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = read_index_png(sample.mask)
+        check_mask_values(mask, self.valid_values, sample.mask, self.expected_values)
+        if self.label_map is not None:
+            mask = cv2.LUT(mask, self.label_map)
+        if image.shape[:2] != mask.shape:
+            raise UserError(
+                f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but its mask {sample.mask} "
+                f"is {mask.shape[1]}x{mask.shape[0]}; they must have the same size"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        out = self.transform(image=image, mask=mask)
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
+            "mask": torch.from_numpy(out["mask"].astype(np.int64)),
+            "name": self.samples[index].name,
+        }
+        if self.with_rgb:
+            item["rgb"] = torch.from_numpy(image)
+        return item

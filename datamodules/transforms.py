@@ -1,0 +1,56 @@
+"""Augmentation pipelines (albumentations 2.0.8, `strict=True` so a misspelt parameter is an error).
+
+Training follows DeepLab v2/v3: random scale in `data.scale_range`, pad to the crop (image with the
+ImageNet mean colour, which is 0 after normalisation; mask with 255 so padding is ignored by the loss),
+random crop, horizontal flip, ImageNet normalisation. Evaluation only normalises: the whole image,
+unchanged, because padding to a stride multiple belongs to inference.
+
+Every keyword below was checked against albumentations 2.0.8: PadIfNeeded takes `fill`/`fill_mask`
+(the pre-2.0 `value`/`mask_value` are silently dropped without `strict` and pad masks with 0, which
+would teach the network that borders are background). RandomScale samples s uniformly from
+`(1 + scale_limit[0], 1 + scale_limit[1])`, hence the `- 1.0` below.
+"""
+from __future__ import annotations
+
+import cv2
+import albumentations as A
+
+from datamodules.readers import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The mean as an 8-bit RGB colour: what the image is padded with (normalises to ~0).
+MEAN_RGB_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+def train_transform(
+    *, crop_size: int, scale_range: tuple[float, float], flip: bool, seed: int | None = None
+) -> A.Compose:
+    low, high = scale_range
+    steps = [
+        A.RandomScale(
+            scale_limit=(low - 1.0, high - 1.0),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            p=1.0,
+        ),
+        A.PadIfNeeded(
+            min_height=crop_size,
+            min_width=crop_size,
+            position="center",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=MEAN_RGB_UINT8,
+            fill_mask=IGNORE_INDEX,
+        ),
+        A.RandomCrop(height=crop_size, width=crop_size),
+    ]
+    if flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0))
+    return A.Compose(steps, strict=True, seed=seed)
+
+
+def eval_transform() -> A.Compose:
+    return A.Compose(
+        [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0)], strict=True
+    )
