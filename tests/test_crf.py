@@ -101,14 +101,16 @@ def test_torch_matches_pydensecrf_for_other_parameters(params):
     assert_parity(dense_crf(probs, image, PARAMS[params]), reference)
 
 
-def test_zero_iterations_return_the_clipped_renormalised_input():
+def test_no_pairwise_term_returns_the_clipped_renormalised_input():
     image = torch.from_numpy(photo("coffee"))[None]
     probs = noisy_softmax(photo("coffee"), 3)
     probs[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # a zero probability is clipped at 1e-5
-    params = CRFParams(iterations=0)
     expected = probs.clamp(1e-5, 1.0) / probs.clamp(1e-5, 1.0).sum(1, keepdim=True)
-    for backend in ("torch", "pydensecrf"):
-        torch.testing.assert_close(dense_crf(probs, image, params, backend=backend), expected, rtol=0, atol=1e-6)
+    # No iteration, or iterations with both kernel weights 0 (the torch backend then builds no lattice).
+    for params in (CRFParams(iterations=0), CRFParams(iterations=3, bi_w=0.0, pos_w=0.0)):
+        for backend in ("torch", "pydensecrf"):
+            refined = dense_crf(probs, image, params, backend=backend)
+            torch.testing.assert_close(refined, expected, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ what the CRF does

@@ -221,14 +221,16 @@ class PermutohedralLattice:
                            (self.num_points, self.num_rows))
 
     def filter(self, x: Tensor, out: Tensor | None = None, accumulate: bool = False,
-               slice_matrix: Tensor | None = None) -> Tensor:
+               slice_matrix: Tensor | None = None, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """slice(blur_d(...blur_0(splat(x)))) for x float32 P x K (any K).
 
         out: write there (P x K) instead of a new tensor; accumulate: add to `out` instead of overwriting;
-        slice_matrix: use this slice operator (e.g. `scaled_slice(w)`) instead of `self.slice`.
+        slice_matrix: use this slice operator (e.g. `scaled_slice(w)`) instead of `self.slice`;
+        work: two rows x K buffers from `work_buffers(K)` to reuse across calls (the lattice itself keeps
+        no state, so one cached lattice can serve concurrent callers).
         """
         width = x.shape[1]
-        values, spare = self._row_buffers(width, x.device)
+        values, spare = work if work is not None else self.work_buffers(width, x.device)
         _spmm(self.splat, x, values)
         for blur in self.blur:
             _spmm(blur, values, spare)
@@ -238,18 +240,10 @@ class PermutohedralLattice:
             accumulate = False
         return _spmm(self.slice if slice_matrix is None else slice_matrix, values, out, accumulate)
 
-    def _row_buffers(self, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Two reusable rows x width buffers (the blur ping-pongs between them)."""
-        buffers = getattr(self, "_buffers", None)
-        if buffers is None or buffers[0].shape[1] != width or buffers[0].device != device:
-            buffers = tuple(torch.empty(self.num_rows, width, dtype=torch.float32, device=device)
-                            for _ in range(2))
-            self._buffers = buffers
-        return buffers
-
-    def release_buffers(self) -> None:
-        """Free the work buffers (they are reallocated by the next filter)."""
-        self._buffers = None
+    def work_buffers(self, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Two uninitialised rows x width buffers for `filter` (the blur ping-pongs between them)."""
+        device = self.splat.device if device is None else device
+        return tuple(torch.empty(self.num_rows, width, dtype=torch.float32, device=device) for _ in range(2))
 
 
 def _spmm(sparse: Tensor, dense: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:

@@ -40,17 +40,13 @@ UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's default clip
 NORM_EPS = 1e-20  # densecrf: norm = 1 / sqrt(K(1) + 1e-20)
 
 
-class NormalizedKernel:
-    """A Gaussian kernel with densecrf's symmetric normalisation folded into its lattice operators."""
-
-    def __init__(self, features: Tensor, groups: Tensor | None = None):
-        self.lattice = PermutohedralLattice(features, groups)
-        ones = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)
-        norm = torch.rsqrt(self.lattice.filter(ones)[:, 0] + NORM_EPS)
-        self.lattice.scale_points(norm, norm)
-
-    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        return self.lattice.filter(x, out=out)
+def normalized_lattice(features: Tensor, groups: Tensor | None = None) -> PermutohedralLattice:
+    """A lattice whose filter applies densecrf's NORMALIZE_SYMMETRIC kernel n * K(n * x), n = 1/sqrt(K(1))."""
+    lattice = PermutohedralLattice(features, groups)
+    ones = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)
+    norm = torch.rsqrt(lattice.filter(ones)[:, 0] + NORM_EPS)
+    lattice.scale_points(norm, norm)
+    return lattice
 
 
 def _pixel_grid(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -66,13 +62,13 @@ def _divide(values: Tensor, std: float) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def smoothness_kernel(height: int, width: int, xy_std: float, device: torch.device) -> NormalizedKernel:
+def smoothness_kernel(height: int, width: int, xy_std: float, device: torch.device) -> PermutohedralLattice:
     """The position-only kernel of one H x W image (shared by every image of that size), cached."""
     xs, ys = _pixel_grid(height, width, device)
-    return NormalizedKernel(torch.stack([_divide(xs, xy_std), _divide(ys, xy_std)], 1))
+    return normalized_lattice(torch.stack([_divide(xs, xy_std), _divide(ys, xy_std)], 1))
 
 
-def appearance_kernel(images: Tensor, xy_std: float, rgb_std: float) -> NormalizedKernel:
+def appearance_kernel(images: Tensor, xy_std: float, rgb_std: float) -> PermutohedralLattice:
     """The bilateral kernel of a batch of images (B x H x W x 3 uint8), points ordered (pixel, image)."""
     batch, height, width, _ = images.shape
     xs, ys = _pixel_grid(height, width, images.device)
@@ -80,7 +76,7 @@ def appearance_kernel(images: Tensor, xy_std: float, rgb_std: float) -> Normaliz
     colour = _divide(images.permute(1, 2, 0, 3).reshape(height * width, batch, 3).to(torch.float32), rgb_std)
     features = torch.cat([position, colour], 2).reshape(-1, 5)
     groups = torch.arange(batch, device=images.device).repeat(height * width)
-    return NormalizedKernel(features, groups)
+    return normalized_lattice(features, groups)
 
 
 def _negative_unary(probs: Tensor) -> Tensor:
@@ -90,8 +86,8 @@ def _negative_unary(probs: Tensor) -> Tensor:
     return log_probs.permute(2, 3, 0, 1).reshape(height * width, batch, 1, classes).contiguous()
 
 
-def _mean_field(neg_unary: Tensor, appearance: NormalizedKernel | None, smoothness: NormalizedKernel | None,
-                settings: Sequence[CRFParams]) -> list[Tensor]:
+def _mean_field(neg_unary: Tensor, appearance: PermutohedralLattice | None,
+                smoothness: PermutohedralLattice | None, settings: Sequence[CRFParams]) -> list[Tensor]:
     """Mean field for S settings sharing both kernels; returns each setting's Q as HW x B x C.
 
     neg_unary: HW x B x 1 x C. The settings may differ in bi_w, pos_w and iterations. The loop works in
@@ -105,17 +101,14 @@ def _mean_field(neg_unary: Tensor, appearance: NormalizedKernel | None, smoothne
     shape = (pixels, batch, count, classes)
     bi_ws = [float(s.bi_w) for s in settings]
     pos_ws = [float(s.pos_w) for s in settings]
-    use_appearance = appearance is not None and any(w != 0 for w in bi_ws)
-    use_smoothness = smoothness is not None and any(w != 0 for w in pos_ws)
     shared_weights = len(set(bi_ws)) == 1 and len(set(pos_ws)) == 1
-    # One pass per kernel: (kernel, weighted slice or None, per-setting weights, view of Q it filters).
+    # One pass per kernel: (lattice, weighted slice or None, per-setting weights, view of Q, work buffers).
     passes = []
-    if use_smoothness:
-        folded = smoothness.lattice.scaled_slice(pos_ws[0]) if shared_weights else None
-        passes.append((smoothness, folded, pos_ws, (pixels, batch * count * classes)))
-    if use_appearance:
-        folded = appearance.lattice.scaled_slice(bi_ws[0]) if shared_weights else None
-        passes.append((appearance, folded, bi_ws, (pixels * batch, count * classes)))
+    for lattice, weights, view in ((smoothness, pos_ws, (pixels, batch * count * classes)),
+                                   (appearance, bi_ws, (pixels * batch, count * classes))):
+        if lattice is not None and any(w != 0 for w in weights):
+            folded = lattice.scaled_slice(weights[0]) if shared_weights else None
+            passes.append((lattice, folded, weights, view, lattice.work_buffers(view[1], device)))
 
     results: list[Tensor | None] = [None] * count
     q = exp_normalize(neg_unary).expand(shape).contiguous()
@@ -126,18 +119,16 @@ def _mean_field(neg_unary: Tensor, appearance: NormalizedKernel | None, smoothne
             results[index] = q[:, :, index].clone()
     for iteration in range(1, max(s.iterations for s in settings) + 1):
         message.copy_(neg_unary.expand(shape))
-        for kernel, folded, weights, view in passes:
+        for lattice, folded, weights, view, work in passes:
             if folded is not None:
-                kernel.lattice.filter(q.view(view), out=message.view(view), accumulate=True, slice_matrix=folded)
+                lattice.filter(q.view(view), out=message.view(view), accumulate=True, slice_matrix=folded, work=work)
             else:
-                kernel.lattice.filter(q.view(view), out=filtered.view(view))
+                lattice.filter(q.view(view), out=filtered.view(view), work=work)
                 message.addcmul_(filtered, torch.tensor(weights, device=device)[:, None])
         exp_normalize(message, out=q)
         for index, setting in enumerate(settings):
             if setting.iterations == iteration:
                 results[index] = q[:, :, index].clone()
-    for kernel, *_ in passes:
-        kernel.lattice.release_buffers()
     return results  # type: ignore[return-value]
 
 
@@ -147,8 +138,8 @@ def exp_normalize(message: Tensor, out: Tensor | None = None) -> Tensor:
     densecrf subtracts each pixel's maximum before exponentiating; that only guards against overflow
     and changes the result by float rounding. When all messages lie within +-80 (always, for weights of
     the papers' size: the unary is >= log(1e-5) and the filtered marginals are bounded) the shift is
-    skipped, which makes this three times faster than torch.softmax on C = 21 rows; otherwise it falls
-    back to torch.softmax.
+    skipped, which makes this about twice as fast as torch.softmax on rows of 21 labels on CPU;
+    otherwise it falls back to torch.softmax.
     """
     low, high = torch.aminmax(message)
     if float(low) < -80.0 or float(high) > 80.0:
@@ -189,8 +180,12 @@ def crf_torch_many(probs: Tensor, images: Tensor, settings: Sequence[CRFParams],
 
     results: list[Tensor | None] = [None] * len(settings)
     for (bi_xy_std, bi_rgb_std, pos_xy_std), members in groups.items():
-        appearance = appearance_kernel(images, bi_xy_std, bi_rgb_std)
-        smoothness = smoothness_kernel(height, width, pos_xy_std, probs.device)
+        # A kernel whose weight is 0 in every setting of the group is not built at all.
+        appearance = smoothness = None
+        if any(settings[i].bi_w != 0 for i in members):
+            appearance = appearance_kernel(images, bi_xy_std, bi_rgb_std)
+        if any(settings[i].pos_w != 0 for i in members):
+            smoothness = smoothness_kernel(height, width, pos_xy_std, probs.device)
         for start in range(0, len(members), max_stacked):
             chunk = members[start:start + max_stacked]
             qs = _mean_field(neg_unary, appearance, smoothness, [settings[i] for i in chunk])
