@@ -333,6 +333,18 @@ def test_lattice_groups_never_interact():
     torch.testing.assert_close(out[:40], alone, rtol=1e-6, atol=0)
 
 
+def test_lattice_filter_ignores_stale_work_buffers():
+    """The filter writes its sparse products over uninitialised buffers (beta=0): stale values, NaN
+    included, must not leak into the result."""
+    features = torch.from_numpy(np.random.default_rng(1).normal(0, 2, (300, 5)).astype(np.float32))
+    lattice = PermutohedralLattice(features)
+    x = torch.rand(300, 4)
+    clean = lattice.filter(x)
+    work = tuple(buffer.fill_(float("nan")) for buffer in lattice.work_buffers(4))
+    out = torch.full((300, 4), float("nan"))
+    assert torch.equal(lattice.filter(x, out=out, work=work), clean)
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 

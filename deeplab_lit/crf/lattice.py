@@ -249,8 +249,11 @@ class PermutohedralLattice:
 def _spmm(sparse: Tensor, dense: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
     """out (+)= sparse @ dense, in place: `sparse @ dense` would zero-fill and copy a new output first.
 
-    With beta=0 MKL and cuSPARSE ignore out's previous content (even NaN), so buffers need no zeroing.
+    With beta=0 MKL ignores out's previous content (checked: even NaN does not propagate), so CPU buffers
+    need no zeroing; on other devices the (cheap) zeroing keeps uninitialised memory out of the result.
     """
+    if not accumulate and out.device.type != "cpu":
+        out.zero_()
     return torch.addmm(out, sparse, dense, beta=1.0 if accumulate else 0.0, alpha=1.0, out=out)
 
 
