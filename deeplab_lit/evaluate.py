@@ -21,6 +21,7 @@ from deeplab_lit.cli import run, split_overrides
 from deeplab_lit.errors import UserError
 
 # Overrides that change what the weights mean are refused: evaluate the checkpoint as it was trained.
+HARDWARE_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
 ALLOWED_SECTIONS = ("eval.", "crf.", "data.root", "data.num_workers", "data.eval_batch_size", "trainer.", "wandb.")
 
 
@@ -160,6 +161,9 @@ def evaluate(path, checkpoint, overrides, split, json_path, resume_wandb) -> int
     from deeplab_lit.modules import MODULES
 
     raw = copy.deepcopy(checkpoint["hyper_parameters"]["config"])
+    # Of the training run's Trainer arguments only the hardware carries over: its limits (e.g.
+    # limit_val_batches, which counts per rank) must not shrink the evaluated split.
+    raw["trainer"] = {k: v for k, v in raw.get("trainer", {}).items() if k in HARDWARE_KEYS}
     for override in overrides:
         _set_dotted(raw, *parse_override(override))
     cfg = config_from_dict(raw)
@@ -173,8 +177,9 @@ def evaluate(path, checkpoint, overrides, split, json_path, resume_wandb) -> int
             f"--checkpoint {path} predicts {hparams['num_classes']} classes but data '{cfg.data.name}' has "
             f"{datamodule.num_classes}"
         )
-    arguments = {k: v for k, v in trainer_arguments(cfg).items() if k not in ("max_steps", "val_check_interval")}
-    arguments.setdefault("devices", 1)
+    arguments = trainer_arguments(cfg)
+    if "devices" not in cfg.trainer:
+        arguments["devices"] = 1
     loggers = _resumed_wandb_logger(cfg, path) if resume_wandb else False
     trainer = L.Trainer(
         **{**arguments, "logger": loggers},
