@@ -19,7 +19,8 @@ from skimage import data, filters, transform
 from deeplab_lit.config import CRFConfig
 from deeplab_lit.crf import (CRFInputError, CRFParams, ReferenceCRFPool, dense_crf, dense_crf_many, refine_image,
                              resolve_params)
-from deeplab_lit.crf.lattice import PermutohedralLattice, enclosing_simplices
+from deeplab_lit.crf.lattice import ExplicitKernel, PermutohedralLattice, enclosing_simplices
+from deeplab_lit.crf.mean_field import normalized_lattice, smoothness_kernel
 from deeplab_lit.errors import UserError
 
 MAX_ABS_DIFF = 1e-3
@@ -135,7 +136,8 @@ def test_batched_equals_per_image():
     images_t = torch.from_numpy(images)
     batched = dense_crf(probs, images_t)
     single = torch.cat([dense_crf(probs[i:i + 1], images_t[i:i + 1]) for i in range(len(images))])
-    torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
+    # Later calls of one size use the multiplied-out smoothness kernel: equal up to float rounding.
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
     reference_batched = dense_crf(probs, images_t, backend="pydensecrf", workers=2)
     reference_single = torch.cat([dense_crf(probs[i:i + 1], images_t[i:i + 1], backend="pydensecrf")
                                   for i in range(len(images))])
@@ -343,6 +345,29 @@ def test_lattice_filter_ignores_stale_work_buffers():
     work = tuple(buffer.fill_(float("nan")) for buffer in lattice.work_buffers(4))
     out = torch.full((300, 4), float("nan"))
     assert torch.equal(lattice.filter(x, out=out, work=work), clean)
+
+
+def test_explicit_kernel_equals_the_lattice_filter():
+    ys, xs = torch.meshgrid(torch.arange(60.0), torch.arange(80.0), indexing="ij")
+    lattice = normalized_lattice(torch.stack([xs.reshape(-1), ys.reshape(-1)], 1))  # sxy = 1
+    explicit = ExplicitKernel(lattice)
+    x = torch.rand(4800, 6)
+    torch.testing.assert_close(explicit.filter(x), lattice.filter(x), rtol=1e-5, atol=1e-6)
+    out = torch.ones(4800, 6)
+    explicit.filter(x, out=out, accumulate=True, weighted=explicit.weighted(3.0))
+    torch.testing.assert_close(out, 1 + 3 * lattice.filter(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_repeated_image_size_switches_to_the_explicit_smoothness_kernel():
+    smoothness_kernel.cache_clear()
+    image = torch.from_numpy(photo("coffee", 90))[None]
+    probs = noisy_softmax(photo("coffee", 90), 4)
+    first = dense_crf(probs, image)
+    assert not smoothness_kernel(*image.shape[1:3], 1.0, torch.device("cpu")).is_explicit
+    second = dense_crf(probs, image)
+    assert smoothness_kernel(*image.shape[1:3], 1.0, torch.device("cpu")).is_explicit
+    torch.testing.assert_close(second, first, rtol=0, atol=1e-5)
+    assert_parity(second, dense_crf(probs, image, backend="pydensecrf"))
 
 
 # ----------------------------------------------------------------------------------------------- GPU
