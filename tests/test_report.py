@@ -293,12 +293,13 @@ def test_log_wandb_writes_every_table_to_an_offline_run(runs, tmp_path, monkeypa
 
 def test_every_table_is_trained_by_its_sweep_file():
     for table in report.TABLES:
-        sweep = yaml.safe_load((REPO / "sweeps" / table.sweep).read_text())
-        configs = [report.point_config(point) for point in report.grid_points(sweep)]
+        points = [p for name in table.sweeps for p in report.grid_points(yaml.safe_load(
+            (REPO / "sweeps" / name).read_text()))]
+        configs = [report.point_config(point) for point in points]
         records = [report.RunRecord(cfg.name, cfg.seed, to_dict(cfg), {}) for cfg in configs]
         for table_row in table.rows:
             seeds = {r.seed for r in records if report.matches(r, table_row)}
-            assert len(seeds) >= 2, f"{table.sweep} does not train '{table_row.label}' of {table.id} twice"
+            assert len(seeds) >= 2, f"{table.sweeps} do not train '{table_row.label}' of {table.id} twice"
 
 
 def test_plan_counts_runs_and_training_flops(tmp_path):
