@@ -1,0 +1,143 @@
+"""The DeepLab network: backbone + head, optional v2 MSC input pyramid, upsampling to the input.
+
+`model(x)` returns a dict:
+- `"logits"`: the head's logits before the final upsampling. Their size is
+  `model.logits_size(H, W)` = (ceil(H' / s), ceil(W' / s)), where s = `model.logits_stride`
+  (the backbone's output stride; 4 for v3+) and H' x W' the input size (with MSC: the largest
+  scale's input size). Every conv, pool and stride in the zoo is padded so that each stride-2 step
+  maps n to ceil(n / 2), which is where this rule comes from; it is what the v1 loss needs to
+  downsample the ground truth to the logits (nearest).
+- `"out"`: the logits upsampled bilinearly (align_corners=False) to the input size.
+- with MSC (`msc_scales`, v2 Sec. 3.3) in training mode, `"scale_logits"`: each scale's logits at
+  its own head resolution, in `msc_scales` order, for the loss that sums every scale's and the fused
+  logits' cross-entropy.
+
+MSC: the input is resized bilinearly (align_corners=False) to floor(H * s) x floor(W * s) for each
+scale s (the size `F.interpolate(scale_factor=s)` gives; s = 1 runs on the input itself), the same
+backbone and head run on each, every scale's logits are upsampled bilinearly to the largest scale's
+logits size and fused by element-wise max into `"logits"`. Evaluation returns only the fused map.
+DeepLab v2's Caffe code resizes with align_corners=True semantics; we use False throughout, like
+torchvision and TF-DeepLab v3+.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Input size of one MSC scale: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100)."""
+    return max(1, math.floor(height * scale + 1e-9)), max(1, math.floor(width * scale + 1e-9))
+
+
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class DeepLab(nn.Module):
+    """Any DeepLab generation; `generation` is a label, the structure comes from backbone and head.
+
+    `bn_mode="frozen"` (v2's ResNet recipe) freezes the backbone's BatchNorm layers: their affine
+    parameters get `requires_grad=False` and they stay in eval mode (running statistics) even in
+    `model.train()`. BatchNorm layers of new layers (ASPP, decoder) always train: their statistics start
+    empty. `"finetune"` and `"sync"` leave BN as is (SyncBatchNorm conversion is the Trainer's
+    `sync_batchnorm=True`).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, generation: str, msc_scales=(),
+                 bn_mode: str = "finetune"):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.generation = generation
+        self.msc_scales = [float(s) for s in msc_scales]
+        self.bn_mode = bn_mode
+        self.init_source = "none"  # set by the pretrained loader: "imagenet:<file>" or the path
+        if bn_mode == "frozen":
+            for m in self._backbone_batchnorms():
+                for p in m.parameters():
+                    p.requires_grad_(False)
+                m.eval()
+
+    def _backbone_batchnorms(self):
+        return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.bn_mode == "frozen":
+            for m in self._backbone_batchnorms():
+                m.eval()
+        return self
+
+    # --- output stride -------------------------------------------------------------------------
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
+
+    @property
+    def logits_stride(self) -> int:
+        return getattr(self.head, "logits_stride", None) or self.backbone.output_stride
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Switch strides/dilations in place (same weights); v3 ASPP rates follow unless absolute."""
+        self.backbone.set_output_stride(output_stride)
+        if hasattr(self.head, "set_output_stride"):
+            self.head.set_output_stride(output_stride)
+
+    def logits_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.msc_scales:
+            height, width = scaled_size(height, width, max(self.msc_scales))
+        s = self.logits_stride
+        return math.ceil(height / s), math.ceil(width / s)
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head({"image": x, **self.backbone(x)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        size = x.shape[-2:]
+        if not self.msc_scales:
+            outputs = {"logits": self._logits(x)}
+        else:
+            scale_logits = []
+            for scale in self.msc_scales:
+                xs = x if scale == 1.0 else F.interpolate(
+                    x, size=scaled_size(size[0], size[1], scale), mode="bilinear", align_corners=False)
+                scale_logits.append(self._logits(xs))
+            largest = scale_logits[self.msc_scales.index(max(self.msc_scales))]
+            fused = functools.reduce(torch.maximum, [_upsample(l, largest.shape[-2:]) for l in scale_logits])
+            outputs = {"logits": fused}
+            if self.training:
+                outputs["scale_logits"] = scale_logits
+        outputs["out"] = _upsample(outputs["logits"], size)
+        return outputs
+
+    # --- introspection for training and the summary command --------------------------------------
+
+    def named_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """`pretrained`: initialised from ImageNet (backbone trunk; VGG heads' fc6/fc7); `new`: the rest.
+
+        Grouping is by role, whatever `model.pretrained` is, so a recipe's lr multipliers apply the
+        same way. Cascaded ResNet blocks are "new" (random init, see backbones/resnet.py). Frozen BN
+        parameters are included (requires_grad=False); optimisers skip them.
+        """
+        prefixes = [f"backbone.{p}" for p in self.backbone.pretrained_prefixes]
+        prefixes += [f"head.{p}" for p in getattr(self.head, "pretrained_prefixes", ())]
+        groups = {"pretrained": [], "new": []}
+        for name, param in self.named_parameters():
+            pretrained = any(name.startswith(prefix + ".") for prefix in prefixes)
+            groups["pretrained" if pretrained else "new"].append((name, param))
+        return groups
+
+    def atrous_rates(self) -> dict[str, object]:
+        """Rates actually in use: each backbone layer's per-unit dilations and the head's rates."""
+        return {"output_stride": self.output_stride, **self.backbone.atrous_rates(),
+                "head": self.head.atrous_rates(), "msc_scales": list(self.msc_scales)}
