@@ -49,6 +49,7 @@ class ModelConfig:
     # v3 gives ASPP rates for output stride 16 and doubles them at 8 (halves at 32); true = use as given.
     aspp_rates_absolute: bool = False
     aspp_channels: int = 256
+    aspp_dropout: float = 0.1  # after the v3 ASPP projection: TF DeepLab's 0.1 (the paper is silent)
     image_pooling: bool = True
     fc6_kernel: int = 3
     fc6_width: int = 1024
