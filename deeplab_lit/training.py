@@ -39,10 +39,13 @@ class SaveOnSigterm(Callback):
 
 
 def find_resume_checkpoint(explicit: Optional[str], checkpoint_dir: Path) -> Optional[str]:
-    """`--resume PATH` if given (it must exist), else the run directory's `last.ckpt` if any."""
+    """`--resume PATH` if given (it must exist), else the newest of the run's `last.ckpt` and the
+    `hpc_ckpt_N.ckpt` that Lightning's SLURM requeue writes into the run directory on SIGUSR1."""
     if explicit:
         if not Path(explicit).is_file():
             raise UserError(f"--resume {explicit}: no such checkpoint file")
         return explicit
-    last = Path(checkpoint_dir) / "last.ckpt"
-    return str(last) if last.is_file() else None
+    checkpoint_dir = Path(checkpoint_dir)
+    candidates = [checkpoint_dir / "last.ckpt", *checkpoint_dir.parent.glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.is_file()]
+    return str(max(existing, key=lambda path: path.stat().st_mtime)) if existing else None
