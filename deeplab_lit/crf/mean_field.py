@@ -14,15 +14,17 @@ densecrf's default NORMALIZE_SYMMETRIC. Everything runs in float32, as densecrf 
 
 Layout: the marginals are kept as HW x B x S x C (pixels, images, stacked parameter settings,
 labels), so that both kernels see a plain 2-D matrix without copies:
-- the smoothness lattice depends only on (H, W, pos_xy_std): it is built once for one image (and
-  cached), and filters the (HW) x (B*S*C) view, i.e. all images and settings as extra channels;
+- the smoothness kernel depends only on (H, W, pos_xy_std): it is built once for one image size (and
+  cached), and filters the (HW) x (B*S*C) view, i.e. all images and settings as extra channels. With
+  sxy = 1 its lattice has more vertices than pixels, so from the second use of a size on it is
+  multiplied out into one sparse matrix (ExplicitKernel, 2-3x faster);
 - the appearance lattice depends on the image: one lattice over HW*B points with the image index as
   a group (images never share a vertex) filters the (HW*B) x (S*C) view.
 
-Costs (2-core CPU, 500x375, 21 labels; see benchmarks/crf.py): building the appearance lattice costs
-about as much as 2-3 mean-field iterations and depends on (bi_xy_std, bi_rgb_std) and the image; the
-smoothness lattice is cached. `dense_crf_many` therefore groups settings by lattice and runs the
-settings of a group (e.g. every bi_w of a search) stacked in one pass.
+Costs on one core of the 2-core dev machine (500x375, 21 labels, v2 ResNet parameters, measured
+under load from other processes, so indicative): appearance lattice build 150-300 ms, one mean-field
+iteration ~50 ms (pydensecrf: ~100 ms), smoothness lattice ~130 ms and its explicit form ~300 ms, both
+once per image size.
 """
 from __future__ import annotations
 
@@ -193,16 +195,22 @@ def crf_torch(probs: Tensor, images: Tensor, params: CRFParams) -> Tensor:
 
 @torch.no_grad()
 def crf_torch_many(probs: Tensor, images: Tensor, settings: Sequence[CRFParams], output: str = "labels",
-                   max_stacked: int = 8) -> list[Tensor]:
+                   max_stacked: int | None = None) -> list[Tensor]:
     """Run the CRF for many settings on the same (validated) batch, sharing lattices and passes.
 
     Settings are grouped by (bi_xy_std, bi_rgb_std, pos_xy_std): one appearance lattice per group,
-    the smoothness lattice cached per pos_xy_std; within a group up to `max_stacked` settings run
-    together as extra channels. output="labels" returns int64 B x H x W per setting (argmax),
-    "probs" float32 B x C x H x W.
+    the smoothness kernel cached per pos_xy_std; within a group up to `max_stacked` settings run
+    together as extra channels (default: 1 on CPU, where stacking measured 20% slower than one setting
+    after another because the weights can no longer be folded into the operators; 8 on GPU, to fill
+    the device). output="labels" returns int64 B x H x W per setting (argmax), "probs" float32
+    B x C x H x W.
     """
     if output not in ("labels", "probs"):
         raise ValueError(f"output must be 'labels' or 'probs', got {output!r}")
+    if max_stacked is None:
+        max_stacked = 1 if probs.device.type == "cpu" else 8
+    if max_stacked < 1:
+        raise ValueError(f"max_stacked must be >= 1, got {max_stacked}")
     batch, classes, height, width = probs.shape
     neg_unary = _negative_unary(probs)
     groups: dict[tuple, list[int]] = defaultdict(list)
