@@ -242,6 +242,7 @@ def _bad_cases():
         "missing param": (probs, image, {"params": {"bi_w": 4}}, "lack 'iterations'"),
         "negative std": (probs, image, {"params": CRFConfig(bi_rgb_std=-3.0)}, "bi_rgb_std must be a positive"),
         "negative iterations": (probs, image, {"params": CRFConfig(iterations=-1)}, "iterations must be an integer"),
+        "std too small": (probs, image, {"params": CRFConfig(bi_rgb_std=1e-4)}, "out of range.*too small"),
     }
 
 
