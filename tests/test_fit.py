@@ -168,3 +168,15 @@ def test_summary_end_to_end():
     assert info["train_output_stride"] == 8 and info["atrous_rates"]["head"] == [12]
     assert info["parameters"] > 20_000_000 and info["gmacs"]["65x65"] > 0
     assert "rate 12" in info["field_of_view"]
+
+
+@pytest.mark.slow
+def test_quick_start_demo_learns(tmp_path):
+    """README command 1: the demo trains a real v3+ from scratch on the synthetic set to mIoU >= 0.5."""
+    run_dir = tmp_path / "demo"
+    result = cli("deeplab_lit.fit", "--experiment", "demo", "--run-dir", str(run_dir), "--wandb.mode=disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "checkpoints" / "summary.json").read_text())
+    assert summary["steps"] == load_experiment("demo").trainer["max_steps"]
+    assert summary["metrics"]["val/mIoU"] >= 0.5, summary["per_class_iou"]
+    assert "mIoU" in result.stdout and "cross" in result.stdout  # the per-class table is printed
