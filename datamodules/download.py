@@ -7,7 +7,6 @@ and SBD (1.4 GB) on slow mirrors, so the transfer itself is a small HTTP Range l
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -80,7 +79,7 @@ def extract_tree(archive: Path, root: Path, member: str) -> Path:
     """
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=root) as scratch:
-        print(f"extracting {archive} ...", file=sys.stderr)
+        print(f"extracting {archive} ...")
         try:
             extract_archive(str(archive), scratch)
         except Exception as error:  # tarfile/zipfile raise many types for a damaged archive
