@@ -134,10 +134,13 @@ def test_batched_equals_per_image():
     images = np.stack([photo(name, 160)[:100, :150] for name in PHOTOS])
     probs = torch.cat([noisy_softmax(image, 5, seed=i) for i, image in enumerate(images)])
     images_t = torch.from_numpy(images)
-    batched = dense_crf(probs, images_t)
+    batched = dense_crf(probs, images_t)  # on CPU: image after image
+    # One lattice for the 3 images (images as groups), as on GPU.
+    grouped = dense_crf_many(probs, images_t, [CRFParams()], output="probs", images_per_pass=3)[0]
     single = torch.cat([dense_crf(probs[i:i + 1], images_t[i:i + 1]) for i in range(len(images))])
     # Later calls of one size use the multiplied-out smoothness kernel: equal up to float rounding.
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped, single, rtol=0, atol=1e-5)
     # The reference over a 2-process pool (its per-image equality is test_reference_pool_...).
     assert_parity(batched, dense_crf(probs, images_t, backend="pydensecrf", workers=2))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from deeplab_lit.crf.checks import check_backend, check_inputs
@@ -64,7 +63,8 @@ def dense_crf(probs: Tensor | np.ndarray, images: Tensor | np.ndarray, params: A
 
 
 def dense_crf_many(probs: Tensor | np.ndarray, images: Tensor | np.ndarray, settings: Sequence[Any],
-                   output: str = "labels", max_stacked: int | None = None) -> list[Tensor]:
+                   output: str = "labels", max_stacked: int | None = None,
+                   images_per_pass: int | None = None) -> list[Tensor]:
     """The torch CRF for many parameter settings on the same batch, e.g. a grid search on cached unaries.
 
     Returns one tensor per setting, in order, on the probabilities' device: output="labels" int64
@@ -75,10 +75,12 @@ def dense_crf_many(probs: Tensor | np.ndarray, images: Tensor | np.ndarray, sett
     mean-field iterations; every setting then costs its iterations (~50 ms each). The smoothness
     kernel depends only on the image size and pos_xy_std and is cached across calls. So a grid over
     w1 is cheap, a grid over (sigma_alpha, sigma_beta) pays one lattice per pair and image.
-    max_stacked: settings run together as extra channels (default 1 on CPU, 8 on GPU).
+    max_stacked: settings run together as extra channels (default 1 on CPU, 8 on GPU);
+    images_per_pass: images sharing one lattice and pass (default 1 on CPU, the whole batch on GPU).
     """
     resolved = [resolve_params(s) for s in settings]
     probs_t, images_t = check_inputs(probs, images)
     if not resolved:
         return []
-    return _run_torch(crf_torch_many, probs_t, images_t, resolved, output=output, max_stacked=max_stacked)
+    return _run_torch(crf_torch_many, probs_t, images_t, resolved, output=output, max_stacked=max_stacked,
+                      images_per_pass=images_per_pass)

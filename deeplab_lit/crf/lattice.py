@@ -167,46 +167,50 @@ class PermutohedralLattice:
         index = _index_dtype(codes.numel(), rows)
         self._splat_crow, self._splat_col = self._splat_crow.to(index), self._splat_col.to(index)
         self._slice_crow, self._slice_col = self._slice_crow.to(index), self._slice_col.to(index)
-        self.blur = [self._blur_matrix(vertex_codes, strides, j) for j in range(d + 1)]
+        self.blur = self._blur_matrices(vertex_codes, strides)
         self.splat = _sparse_csr(self._splat_crow, self._splat_col, self._splat_val, (rows, num_points))
         self.slice = _sparse_csr(self._slice_crow, self._slice_col, self._slice_val, (num_points, rows))
 
-    def _blur_matrix(self, vertex_codes: Tensor, strides: list[int], direction: int) -> Tensor:
-        """I + 1/2 (shift to n1 + shift to n2) along one lattice direction, as a CSR matrix.
+    def _blur_matrices(self, vertex_codes: Tensor, strides: list[int]) -> list[Tensor]:
+        """I + 1/2 (shift to n1 + shift to n2) along each lattice direction j = 0..d, as CSR matrices.
 
         densecrf's neighbours along direction j: n1 = key - 1 with coordinate j at key_j + d, n2 = key + 1
         with coordinate j at key_j - d (j = d changes only the implied coordinate). Missing ones add 0:
-        they point at a padding row (0 for the lower column, the last row for the upper one).
+        they point at a padding row (0 for the lower column, the last row for the upper one). All
+        directions are computed at once ((d+1) x vertices tensors): one search, a few large operations.
         """
         d, num_vertices, rows = self.dim, self.num_vertices, self.num_rows
         device = vertex_codes.device
         index = _index_dtype(3 * rows + 1)
-        delta = -sum(strides) + ((d + 1) * strides[direction] if direction < d else 0)
+        deltas = [-sum(strides) + ((d + 1) * strides[j] if j < d else 0) for j in range(d + 1)]
         own = torch.arange(1, num_vertices + 1, dtype=index, device=device)  # row of each vertex
-        target = vertex_codes + delta
+        target = vertex_codes + torch.tensor(deltas, device=device)[:, None]  # (d+1) x vertices
         pos = torch.searchsorted(vertex_codes, target, out_int32=index == torch.int32)
         pos.clamp_(max=num_vertices - 1)
         found1 = vertex_codes[pos] == target
         n1 = torch.where(found1, pos + 1, -1)
         # n2 is n1's inverse relation: if n1(a) = b then n2(b) = a (and n2(b) exists only then).
-        n2 = torch.full((rows,), -1, dtype=index, device=device)
-        n2.scatter_(0, torch.where(found1, n1, 0).long(), torch.where(found1, own, -1))  # misses land on row 0
-        n2 = n2[1:num_vertices + 1]
+        # Scattered into one flat (d+1) x rows table; misses land on each direction's row 0.
+        n2 = torch.full((d + 1, rows), -1, dtype=index, device=device)
+        flat_target = torch.where(found1, n1, 0).long() + rows * torch.arange(d + 1, device=device)[:, None]
+        n2.view(-1).scatter_(0, flat_target.view(-1), torch.where(found1, own, -1).view(-1))
+        n2 = n2[:, 1:num_vertices + 1]
         # Rows follow code order, so the neighbour with the smaller code has the smaller row.
-        lower, upper = (n2, n1) if delta > 0 else (n1, n2)
+        positive = torch.tensor([delta > 0 for delta in deltas], device=device)[:, None]
+        lower, upper = torch.where(positive, n2, n1), torch.where(positive, n1, n2)
         lower_ok, upper_ok = lower >= 0, upper >= 0
-        cols = torch.empty(rows, 3, dtype=index, device=device)
-        cols[1:-1, 0] = torch.where(lower_ok, lower, 0)
-        cols[1:-1, 1] = own
-        cols[1:-1, 2] = torch.where(upper_ok, upper, rows - 1)
-        cols[0] = torch.tensor([0, 1, 2], dtype=index, device=device)  # padding rows: three zero weights
-        cols[-1] = torch.tensor([rows - 3, rows - 2, rows - 1], dtype=index, device=device)
-        weights = torch.zeros(rows, 3, dtype=torch.float32, device=device)
-        weights[1:-1, 0] = lower_ok * 0.5
-        weights[1:-1, 1] = 1.0
-        weights[1:-1, 2] = upper_ok * 0.5
+        cols = torch.empty(d + 1, rows, 3, dtype=index, device=device)
+        cols[:, 1:-1, 0] = torch.where(lower_ok, lower, 0)
+        cols[:, 1:-1, 1] = own
+        cols[:, 1:-1, 2] = torch.where(upper_ok, upper, rows - 1)
+        cols[:, 0] = torch.tensor([0, 1, 2], dtype=index, device=device)  # padding rows: three zero weights
+        cols[:, -1] = torch.tensor([rows - 3, rows - 2, rows - 1], dtype=index, device=device)
+        weights = torch.zeros(d + 1, rows, 3, dtype=torch.float32, device=device)
+        weights[:, 1:-1, 0] = lower_ok * 0.5
+        weights[:, 1:-1, 1] = 1.0
+        weights[:, 1:-1, 2] = upper_ok * 0.5
         crow = torch.arange(0, 3 * rows + 1, 3, dtype=index, device=device)
-        return _sparse_csr(crow, cols.view(-1), weights.view(-1), (rows, rows))
+        return [_sparse_csr(crow, cols[j].view(-1), weights[j].view(-1), (rows, rows)) for j in range(d + 1)]
 
     def scale_points(self, splat_scale: Tensor, slice_scale: Tensor) -> None:
         """Fold diagonal scalings into the operator: filter(x) becomes slice_scale * K (splat_scale * x)."""

@@ -32,7 +32,8 @@ class CRFParams:
     pos_xy_std: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.iterations, numbers.Integral) or isinstance(self.iterations, bool) or self.iterations < 0:
+        iterations = self.iterations
+        if not isinstance(iterations, numbers.Integral) or isinstance(iterations, bool) or iterations < 0:
             raise CRFInputError(f"crf.iterations must be an integer >= 0, got {self.iterations!r}")
         for name in ("bi_w", "pos_w"):
             value = getattr(self, name)
@@ -74,4 +75,10 @@ def resolve_params(params: Any = None) -> CRFParams:
                     f"CRF parameters ({type(params).__name__}) lack attribute '{name}': give all of "
                     f"{', '.join(PARAM_NAMES)}")
             values[name] = getattr(params, name)
+    # Plain Python numbers (numpy scalars from a sweep, ints from YAML); anything else is rejected below.
+    for name, value in values.items():
+        if name == "iterations" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            values[name] = int(value)
+        elif name != "iterations" and _is_real(value):
+            values[name] = float(value)
     return CRFParams(**values)
