@@ -84,14 +84,16 @@ def enclosing_simplices(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rem0 = rounded * (d + 1)
     coord_sum = rounded.sum(0).to(torch.int64)
 
-    # Rank the residuals with densecrf's pairwise loop (on ties the lower index counts as larger).
+    # Rank the residuals with densecrf's pairwise loop (on ties the lower index counts as larger),
+    # counting in uint8 so that the comparisons add without type conversions (bool viewed as uint8).
     residual = elevated - rem0
-    rank = torch.zeros(d + 1, num_points, dtype=torch.int64, device=device)
+    counts = torch.zeros(d + 1, num_points, dtype=torch.uint8, device=device)
     for i in range(d):
         for j in range(i + 1, d + 1):
             smaller = residual[i] < residual[j]
-            rank[i] += smaller
-            rank[j] += ~smaller
+            counts[i] += smaller.view(torch.uint8)
+            counts[j] += (~smaller).view(torch.uint8)
+    rank = counts.to(torch.int64)
     # Bring the point back onto the plane (coordinates summing to 0).
     rank += coord_sum
     rem0 = rem0.to(torch.int64)
