@@ -119,11 +119,27 @@ class SegmentationDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    # -- resume: Lightning stores this in checkpoints and restores it before building the loaders --
+    _resume_batches = 0
+
+    def state_dict(self) -> dict:
+        """Batches already trained in the current epoch (0 at an epoch boundary)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"batches_done_in_epoch": 0 if done >= trainer.num_training_batches else int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_batches = int(state.get("batches_done_in_epoch", 0))
+
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
         world, rank = distributed_rank()
         sampler = train_sampler(self.train_dataset, seed=self.seed, num_replicas=world, rank=rank)
+        sampler.skip_next(self._resume_batches * self.cfg.batch_size)
+        self._resume_batches = 0
         if len(sampler) < self.cfg.batch_size:
             raise UserError(
                 f"data.batch_size={self.cfg.batch_size} is larger than this process's share of the "

@@ -69,7 +69,11 @@ class SegmentationDataset(Dataset):
             )
         return image, mask
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """`key` is an index, or (index, augmentation seed) from the training sampler."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.seed(seed)
         image, mask = self.load(index)
         out = self.transform(image=image, mask=mask)
         item = {

@@ -13,6 +13,7 @@ import math
 from typing import Iterator
 
 import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Sampler, get_worker_info
@@ -50,12 +51,38 @@ class ShardSampler(Sampler[int]):
         return max(0, math.ceil((self.length - self.rank) / self.num_replicas))
 
 
-def train_sampler(dataset, *, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: independent of worker, rank and position."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class TrainSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffled, seeded, drop_last; one replica outside DDP) that
+
+    - yields `(index, augmentation seed)` pairs, the seed a function of (seed, epoch, index) only, so a
+      sample is augmented the same way whichever worker draws it and whatever that worker drew before;
+    - can skip the samples of the batches a resumed run already trained on in its interrupted epoch
+      (`skip_next`, for the next iteration only), so resuming mid-epoch continues the same order.
+    Together they make a killed-and-resumed run see exactly the data of an uninterrupted one.
+    """
+
+    def __init__(self, dataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._skip = 0
+
+    def skip_next(self, samples: int) -> None:
+        self._skip = samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        skip, self._skip = self._skip, 0
+        for index in list(super().__iter__())[skip:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+def train_sampler(dataset, *, seed: int, num_replicas: int = 1, rank: int = 0) -> TrainSampler:
     """Shuffled, drop_last, and seeded: epoch e's order is a function of (seed, e) only. Lightning
     calls `set_epoch` on it at every epoch."""
-    return DistributedSampler(
-        dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
+    return TrainSampler(dataset, seed=seed, num_replicas=num_replicas, rank=rank)
 
 
 def pad_collate(items: list[dict]) -> dict:

@@ -15,7 +15,7 @@ from deeplab_lit.config import DataConfig
 from deeplab_lit.errors import UserError
 from datamodules import build_datamodule
 from datamodules.dataset import Sample, SegmentationDataset
-from datamodules.loaders import ShardSampler, pad_collate, train_sampler, tune_malloc
+from datamodules.loaders import ShardSampler, pad_collate, sample_seed, train_sampler, tune_malloc
 from datamodules.readers import valid_value_table
 from datamodules.synthetic import generate_synthetic
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, train_transform
@@ -139,12 +139,24 @@ def test_eval_shards_cover_every_index_exactly_once(length, world):
 def test_train_sampler_is_seeded_sharded_and_epoch_dependent():
     dataset = list(range(11))
     ranks = [train_sampler(dataset, seed=3, num_replicas=2, rank=r) for r in range(2)]
-    orders = [list(s) for s in ranks]
+    orders = [[index for index, _ in s] for s in ranks]
     assert [len(o) for o in orders] == [5, 5] and not set(orders[0]) & set(orders[1])  # drop_last: 10 of 11
-    assert orders == [list(train_sampler(dataset, seed=3, num_replicas=2, rank=r)) for r in range(2)]
+    assert orders == [[i for i, _ in train_sampler(dataset, seed=3, num_replicas=2, rank=r)] for r in range(2)]
     ranks[0].set_epoch(1)
-    assert list(ranks[0]) != orders[0]
-    assert list(train_sampler(dataset, seed=4, num_replicas=2, rank=0)) != orders[0]
+    assert [index for index, _ in ranks[0]] != orders[0]
+    assert [i for i, _ in train_sampler(dataset, seed=4, num_replicas=2, rank=0)] != orders[0]
+
+
+def test_train_sampler_seeds_samples_by_epoch_and_index_and_skips_for_resume():
+    sampler = train_sampler(list(range(12)), seed=3)
+    full = list(sampler)
+    assert full == [(index, sample_seed(3, 0, index)) for index, _ in full]
+    assert len({seed for _, seed in full}) == 12
+    sampler.skip_next(5)
+    assert list(sampler) == full[5:]  # a resumed epoch continues where it stopped
+    assert list(sampler) == full  # the skip applies to one iteration only
+    sampler.set_epoch(1)
+    assert all(seed == sample_seed(3, 1, index) for index, seed in sampler)
 
 
 def test_loaders_shard_by_rank(synthetic_root, monkeypatch):
