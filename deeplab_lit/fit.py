@@ -117,7 +117,9 @@ def build_callbacks(cfg: Config, checkpoint_dir: Path):
         save_last=True,
         auto_insert_metric_name=False,  # metric names contain '/', which would become directories
     )
-    callbacks = [best, SaveOnSigterm(checkpoint_dir), RichProgressBar(leave=True)]
+    callbacks = [best, SaveOnSigterm(checkpoint_dir)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
     if cfg.wandb.mode != "disabled":  # the monitor needs a logger; with W&B disabled there is none
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return best, callbacks
