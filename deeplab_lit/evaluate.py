@@ -54,7 +54,10 @@ def print_results(results: dict, class_names: list[str], title: str = "") -> Non
     from rich.table import Table
 
     keys = list(results)
-    table = Table(title=title or None)
+    console = Console(width=max(80, 22 + 14 * len(keys)))
+    if title:
+        console.print(title, soft_wrap=True)
+    table = Table()
     table.add_column("class")
     for key in keys:
         table.add_column(key, justify="right")
@@ -64,7 +67,7 @@ def print_results(results: dict, class_names: list[str], title: str = "") -> Non
     table.add_section()
     table.add_row("mIoU", *[_percent(results[key]["mIoU"]) for key in keys], style="bold")
     table.add_row("pixel acc", *[_percent(results[key]["pixel_acc"]) for key in keys])
-    Console(width=max(80, 22 + 14 * len(keys))).print(table)
+    console.print(table)
 
 
 def _percent(value: float) -> str:
