@@ -107,7 +107,7 @@ def enclosing_simplices(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     u = torch.empty_like(v).scatter_(0, rank, v)
     bary = torch.empty_like(v)
     bary[1:] = u[:d].flip(0) - u[1:].flip(0)
-    bary[0] = 1.0 + u[d] - u[0]
+    bary[0] = u[d] + (1.0 - u[0])  # in densecrf's order of float operations
     return rem0, rank, bary
 
 
