@@ -164,6 +164,15 @@ def test_numpy_inputs_give_numpy_output():
     np.testing.assert_allclose(refined, dense_crf(probs, torch.from_numpy(image)).numpy(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("height, width, classes", [(1, 1, 3), (1, 7, 2), (3, 2, 4), (2, 2, 1)])
+def test_tiny_images_match_the_reference(height, width, classes):
+    rng = np.random.default_rng(height * 10 + width)
+    image = torch.from_numpy(rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8))
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(1, classes, height, width))).float(), 1)
+    reference = dense_crf(probs, image, backend="pydensecrf")
+    torch.testing.assert_close(dense_crf(probs, image), reference, rtol=0, atol=1e-6)
+
+
 def test_empty_batch_returns_empty():
     probs = torch.empty(0, 4, 8, 9)
     assert dense_crf(probs, torch.empty(0, 8, 9, 3, dtype=torch.uint8)).shape == (0, 4, 8, 9)
