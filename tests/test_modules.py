@@ -182,3 +182,37 @@ def test_miou_is_dataset_level_and_matches_numpy():
 
 def test_every_generation_has_a_module():
     assert set(MODULES) == {"v1", "v2", "v3", "v3plus"}
+
+
+def test_reference_crf_in_validation_runs_asynchronously_and_equals_synchronous():
+    from deeplab_lit.crf import dense_crf
+    from deeplab_lit.inference import Protocol, predict_probs
+
+    module = module_for("largefov", "crf.backend=pydensecrf", "crf.iterations=3").eval()
+    module.set_protocols([Protocol(output_stride=8, crf=True)])
+    module.log = lambda *args, **kwargs: None
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(5):  # more images than the queue bound of small pools: exercises collection in flight
+        rgb = torch.randint(0, 256, (1, 33, 41, 3), dtype=torch.uint8, generator=generator)
+        batches.append({"image": torch.randn(1, 3, 33, 41, generator=generator), "rgb": rgb,
+                        "mask": torch.randint(0, 5, (1, 33, 41), generator=generator)})
+    module.on_validation_epoch_start()
+    assert module._crf_pool is not None
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            module.validation_step(batch, index)
+    module.on_validation_epoch_end()
+    asynchronous = module.last_results["mIoU_crf"]
+
+    expected = module_for("largefov", "crf.backend=pydensecrf", "crf.iterations=3").eval()
+    predictions, targets = [], []
+    with torch.no_grad():
+        for batch in batches:
+            probs = predict_probs(expected.model, batch["image"], Protocol(output_stride=8))
+            refined = dense_crf(probs, batch["rgb"], params=expected.cfg.crf, backend="pydensecrf", workers=1)
+            predictions.append(refined.argmax(1).numpy().ravel())
+            targets.append(batch["mask"].numpy().ravel())
+    miou, accuracy = numpy_miou(np.concatenate(predictions), np.concatenate(targets), 5)
+    assert asynchronous["mIoU"] == pytest.approx(miou, abs=1e-6)
+    assert asynchronous["pixel_acc"] == pytest.approx(accuracy, abs=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 
 import lightning as L
 import numpy as np
@@ -200,13 +201,22 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._eval_started = time.time()
         self._wandb_images_logged = 0
+        # The reference CRF runs one image per process: on CPU, keep every core busy by refining
+        # images asynchronously while the network predicts the next ones (a bounded queue).
+        self._crf_pool, self._crf_pending = None, deque()
+        if any(p.crf for p in self.protocols) and self.cfg.crf.backend == "pydensecrf":
+            from deeplab_lit.crf import ReferenceCRFPool
+
+            self._crf_pool = ReferenceCRFPool()
 
     def validation_step(self, batch, batch_idx):
         masks = batch["mask"]
         for protocol in self.protocols:
             probs = predict_probs(self.model, batch["image"], protocol)
             self._update(self.metric_key(protocol, False), probs, masks)
-            if protocol.crf:
+            if protocol.crf and getattr(self, "_crf_pool", None) is not None:
+                self._submit_crf(self.metric_key(protocol, True), probs, batch["rgb"], masks)
+            elif protocol.crf:
                 refined = self.apply_crf(probs, batch["rgb"])
                 self._update(self.metric_key(protocol, True), refined, masks)
             if protocol is self.protocols[0]:
@@ -217,12 +227,32 @@ class SegmentationModule(L.LightningModule):
 
         return dense_crf(probs, rgb, params=self.cfg.crf, backend=self.cfg.crf.backend)
 
+    def _submit_crf(self, key: str, probs: torch.Tensor, rgb: torch.Tensor, masks: torch.Tensor) -> None:
+        for prob, image, mask in zip(probs.float().cpu().numpy(), rgb.cpu().numpy(), masks.cpu()):
+            self._crf_pending.append((key, self._crf_pool.submit(prob, image, self.cfg.crf), mask))
+        while len(self._crf_pending) > 2 * self._crf_pool.workers:
+            self._collect_crf()
+
+    def _collect_crf(self) -> None:
+        key, result, mask = self._crf_pending.popleft()
+        refined = torch.from_numpy(result.get())[None].to(self.device)
+        self._update(key, refined, mask[None].to(self.device))
+
+    def _finish_crf(self) -> None:
+        if getattr(self, "_crf_pool", None) is None:
+            return
+        while self._crf_pending:
+            self._collect_crf()
+        self._crf_pool.close()
+        self._crf_pool = None
+
     def _update(self, key: str, probs: torch.Tensor, masks: torch.Tensor) -> None:
         predictions = probs.argmax(dim=1)
         self.eval_metrics[key]["iou"].update(predictions, masks)
         self.eval_metrics[key]["acc"].update(predictions, masks)
 
     def on_validation_epoch_end(self) -> None:
+        self._finish_crf()
         self.last_results = {}
         for key, metric in self.eval_metrics.items():
             per_class = metric["iou"].compute()
