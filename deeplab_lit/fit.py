@@ -199,7 +199,7 @@ def train(
         if resume_path:
             print(f"resuming from {resume_path}")
         if loggers:  # lets `evaluate --wandb.resume=true` log into this run
-            (run_path / "wandb_id").write_text(str(loggers[0].version))
+            (run_path / "wandb_id").write_text(loggers[0].experiment.id)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     # The final state, whatever the validation interval: what a later resume or evaluation starts from.

@@ -180,3 +180,13 @@ def test_quick_start_demo_learns(tmp_path):
     assert summary["steps"] == load_experiment("demo").trainer["max_steps"]
     assert summary["metrics"]["val/mIoU"] >= 0.5, summary["per_class_iou"]
     assert "mIoU" in result.stdout and "cross" in result.stdout  # the per-class table is printed
+
+
+def test_evaluate_logs_into_the_checkpoints_offline_wandb_run(tmp_path):
+    run_dir = run_fit(tmp_path, "v3", "model.backbone=resnet50", "trainer.limit_val_batches=1")
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    result = cli("deeplab_lit.evaluate", "--checkpoint", str(run_dir / "checkpoints" / "last.ckpt"),
+                 "--eval.output_stride=8", "--trainer.limit_val_batches=1", "--wandb.resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # the training run and its resumed evaluation, under the same run id
