@@ -13,15 +13,11 @@ import json
 from deeplab_lit.cli import run, split_overrides
 from deeplab_lit.config import Config, load_experiment
 
-NUM_CLASSES = {"voc": 21, "voc_aug": 21, "cityscapes": 19}
-
-
 def num_classes_of(cfg: Config) -> int:
-    if cfg.data.name in NUM_CLASSES:
-        return NUM_CLASSES[cfg.data.name]
-    from datamodules import build_datamodule
+    """From the DataModule class itself: counting needs no dataset on disk."""
+    from datamodules import DATAMODULES
 
-    return build_datamodule(cfg.data).num_classes
+    return DATAMODULES[cfg.data.name].num_classes
 
 
 def head_field_of_view(cfg: Config, rates: list[int]) -> str:
