@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from deeplab_lit.config import Config, config_from_dict, to_dict
 from deeplab_lit.errors import UserError
-from deeplab_lit.inference import Protocol, predict_probs, protocols_from_config
+from deeplab_lit.inference import Protocol, predict_probs
 from deeplab_lit.models import build_model
 
 IGNORE_INDEX = 255
