@@ -756,13 +756,17 @@ def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 4)
 
 
-def log_to_wandb(results: list[TableResult], target: str, out_dir: Path, sources: list[str]) -> str:
-    """One W&B run (job_type "report") holding every table, its chart and the HTML page."""
+def log_to_wandb(results: list[TableResult], target: str, out_dir: Path, sources: list[str],
+                 mode: Optional[str] = None) -> str:
+    """One W&B run (job_type "report") holding every table, its chart and the HTML page.
+
+    `mode` (online/offline) is passed to wandb.init explicitly: wandb reads WANDB_MODE only when it is
+    first set up in a process, so an environment change after an earlier run would be ignored."""
     import wandb
 
     entity, _, project = target.rpartition("/")
     wandb_run = wandb.init(project=project, entity=entity or None, job_type="report", name="paper-vs-ours",
-                           config={"sources": sources}, dir=str(out_dir))
+                           config={"sources": sources}, dir=str(out_dir), mode=mode)
     for result in results:
         table_id = result.table.id
         wandb_run.log({
@@ -826,10 +830,10 @@ def run_cost_flops(cfg) -> dict:
     """
     from deeplab_lit.config import to_dict
     from deeplab_lit.inference import protocols_from_config
-    from deeplab_lit.summary import NUM_CLASSES
+    from deeplab_lit.summary import num_classes_of
 
     model_yaml = yaml.safe_dump(to_dict(cfg)["model"])
-    classes = NUM_CLASSES.get(cfg.data.name, 21)
+    classes = num_classes_of(cfg)
     images, (height, width) = VAL_IMAGES[cfg.data.name]
     train_os = cfg.model.output_stride
     steps = int(cfg.trainer.get("max_steps", 0))
@@ -916,6 +920,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read finished runs from this W&B project")
     parser.add_argument("--sweep", metavar="ID", help="only the runs of this sweep (with --wandb)")
     parser.add_argument("--out", default="report", metavar="DIR", help="output directory (default report/)")
+    parser.add_argument("--wandb-mode", choices=["online", "offline"], default=None,
+                        help="for --log-wandb (default: W&B's own, i.e. WANDB_MODE or online)")
     parser.add_argument("--log-wandb", nargs="?", const="", metavar="ENTITY/PROJECT",
                         help="log the tables to W&B (default: the --wandb project, else deeplab_lit)")
     parser.add_argument("--plan", action="store_true", help="print the sweeps' runs and GPU-hour estimates")
@@ -964,7 +970,7 @@ def main(argv: list[str]) -> int:
     print(f"wrote {paths['markdown']}, {paths['html']} and {len(results)} figures in {paths['figures']}")
     if args.log_wandb is not None:
         target = args.log_wandb or args.wandb or "deeplab_lit"
-        print(f"logged to W&B: {log_to_wandb(results, target, Path(args.out), sources)}")
+        print(f"logged to W&B: {log_to_wandb(results, target, Path(args.out), sources, args.wandb_mode)}")
     return 0
 
 

@@ -275,7 +275,7 @@ def test_log_wandb_writes_every_table_to_an_offline_run(runs, tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "out"
-    assert report.main(["--runs", str(runs), "--out", str(out), "--log-wandb", "ent/proj"]) == 0
+    assert report.main(["--runs", str(runs), "--out", str(out), "--log-wandb", "ent/proj", "--wandb-mode", "offline"]) == 0
     tables = sorted(out.glob("wandb/offline-run-*/files/media/table/report/*.table.json"))
     assert sorted(re.sub(r"_\d+_[0-9a-f]+\.table\.json$", "", p.name) for p in tables) == sorted(
         t.id for t in report.TABLES)
