@@ -15,6 +15,7 @@ import hashlib
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 from deeplab_lit.cli import run, split_overrides
@@ -200,6 +201,9 @@ def train(
         if loggers:  # lets `evaluate --wandb.resume=true` log into this run
             (run_path / "wandb_id").write_text(loggers[0].experiment.id)
 
+    # Lightning looks for a stateful DataLoader; ours resumes mid-epoch through the DataModule's state
+    # (the batches already trained are skipped, tests/test_fit.py checks identical weights).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     # The final state, whatever the validation interval: what a later resume or evaluation starts from.
     trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"))
