@@ -101,23 +101,30 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
 
 
-class ASPPHead(nn.Module):
-    """v3 head: ASPP on `features["out"]` then a 1x1 classifier."""
+class ASPPEncoderHead(nn.Module):
+    """A head built on an ASPP (v3, v3+): switching the output stride and reporting rates is the ASPP's."""
 
     pretrained_prefixes = ()
 
-    def __init__(self, aspp: ASPP, num_classes: int):
+    def __init__(self, aspp: ASPP):
         super().__init__()
         self.aspp = aspp
-        channels = aspp.project[0].out_channels
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-        init_classifier(self.classifier)
 
     def set_output_stride(self, output_stride: int) -> None:
         self.aspp.set_output_stride(output_stride)
 
     def atrous_rates(self) -> list[int]:
         return self.aspp.atrous_rates()
+
+
+class ASPPHead(ASPPEncoderHead):
+    """v3 head: ASPP on `features["out"]` then a 1x1 classifier."""
+
+    def __init__(self, aspp: ASPP, num_classes: int):
+        super().__init__(aspp)
+        channels = aspp.project[0].out_channels
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        init_classifier(self.classifier)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.classifier(self.aspp(features["out"]))

@@ -15,20 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab_lit.models.heads.aspp import ASPP, conv_bn_relu
+from deeplab_lit.models.heads.aspp import ASPP, ASPPEncoderHead, conv_bn_relu
 from deeplab_lit.models.heads.fc import init_classifier, init_hidden
 
 DECODER_WIDTH = 256
 
 
-class DecoderHead(nn.Module):
-    pretrained_prefixes = ()
+class DecoderHead(ASPPEncoderHead):
     logits_stride = 4  # layer1's stride; independent of the encoder's output stride
 
     def __init__(self, aspp: ASPP, num_classes: int, *, low_level_channels: int, decoder_channels: int = 48,
                  decoder_convs: int = 2):
-        super().__init__()
-        self.aspp = aspp
+        super().__init__(aspp)
         encoder_channels = aspp.project[0].out_channels
         self.low_level = conv_bn_relu(low_level_channels, decoder_channels, 1)
         convs, channels = [], encoder_channels + decoder_channels
@@ -39,12 +37,6 @@ class DecoderHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_hidden(nn.ModuleList([self.low_level, self.fuse]))
         init_classifier(self.classifier)
-
-    def set_output_stride(self, output_stride: int) -> None:
-        self.aspp.set_output_stride(output_stride)
-
-    def atrous_rates(self) -> list[int]:
-        return self.aspp.atrous_rates()
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         low = self.low_level(features["layer1"])
