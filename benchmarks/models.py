@@ -1,4 +1,4 @@
-"""Parameters and multiply-accumulates of every DeepLab network in PAPERS.md.
+"""Parameters and multiply-accumulates of every DeepLab network in docs/papers.md.
 
     python benchmarks/models.py [--json FILE] [--device meta|cpu|cuda] [--classes 21]
 

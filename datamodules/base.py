@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from deeplab_lit.errors import UserError
 from datamodules.dataset import Sample, SegmentationDataset
-from datamodules.loaders import ShardSampler, distributed_rank, pad_collate, train_sampler, worker_init
+from datamodules.loaders import distributed_rank, eval_sampler, pad_collate, train_sampler, worker_init
 from datamodules.readers import IGNORE_INDEX, valid_value_table
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, eval_transform, train_transform
 
@@ -45,7 +45,6 @@ class SegmentationDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = data_cfg
         self._seed = seed
-        check_data_config(data_cfg)
         self.root = Path(data_cfg.root) if data_cfg.root else default_data_dir() / self.default_root_name
         self.train_dataset: Optional[SegmentationDataset] = None
         self.val_dataset: Optional[SegmentationDataset] = None
@@ -164,7 +163,7 @@ class SegmentationDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.cfg.eval_batch_size,
-            sampler=ShardSampler(len(dataset), world, rank),
+            sampler=eval_sampler(len(dataset), world, rank),
             collate_fn=pad_collate,
             **self._loader_kwargs(),
         )
@@ -175,15 +174,3 @@ class SegmentationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """`trainer.test` evaluates on val: the papers report val numbers (VOC test is server-only)."""
         return self.eval_dataloader("val")
-
-
-def check_data_config(cfg) -> None:
-    """Values a user can get wrong on the command line, each named by its key."""
-    if cfg.crop_size < 1:
-        raise UserError(f"data.crop_size={cfg.crop_size} must be a positive number of pixels")
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
-    if cfg.num_workers < 0:
-        raise UserError(f"data.num_workers={cfg.num_workers} must be 0 or more")
-    if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
-        raise UserError(f"data.scale_range={list(cfg.scale_range)} must be [low, high] with 0 < low <= high")

@@ -1,40 +1,57 @@
-"""What every command line shares: `--key=value` overrides and one-line errors with exit code 2."""
+"""What every command line shares: one-line errors with exit code 2, and `--help` with every config key."""
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
-from deeplab_lit.errors import UserError
+from deeplab_lit.errors import UserError, original_message
 
 
-def split_overrides(args: list[str]) -> list[str]:
-    """`--model.output_stride=8` or `--model.output_stride 8` -> ["model.output_stride=8"]."""
-    overrides, index = [], 0
-    while index < len(args):
-        arg = args[index]
-        if not arg.startswith("--") or arg == "--":
-            raise UserError(f"unexpected argument '{arg}'; overrides look like --section.key=value")
-        if "=" in arg:
-            overrides.append(arg[2:])
-        elif index + 1 < len(args) and not args[index + 1].startswith("--"):
-            overrides.append(f"{arg[2:]}={args[index + 1]}")
-            index += 1
-        else:
-            raise UserError(f"override '{arg}' has no value; write {arg}=VALUE")
-        index += 1
-    return overrides
+# Lightning's informational lines (accelerators found, tips, "max_steps reached") go to stderr through
+# these loggers; the commands print what matters themselves, so stderr carries warnings and errors only.
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda")
+
+
+# Deprecation warnings raised inside libraries by their own calls (not by ours), with the pinned versions:
+# Lightning 2.6's pytree helper calls torch 2.14's deprecated LeafSpec check on every batch.
+LIBRARY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+def quiet_libraries() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-    """Run `main`, turning a UserError into one line on stderr and exit code 2."""
+    """Run `main`, turning a UserError (wherever it was raised, DataLoader workers included) into one line
+    on stderr and exit code 2."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    quiet_libraries()
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {original_message(str(error))}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def parser(prog: str, doc: str, config_keys: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser whose --help also lists every config key (generated from the schema)."""
+    description = doc.split("\n\n")[1] if "\n\n" in doc else doc
+    epilog = None
+    if config_keys:
+        from deeplab_lit.config.help import render_help
+
+        epilog = render_help()
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,58 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class Protocol:
-    """One evaluation protocol; `name` is the suffix of its metric (`val/mIoU_<name>`)."""
-
-    name: str = ""
-    output_stride: Optional[int] = None  # None = the model's current (training) output stride
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
-    mode: str = "whole"
-    slide_crop: int = 769
-    slide_stride: int = 513
-    crf: bool = False
-
-    @property
-    def metric_suffix(self) -> str:
-        return f"_{self.name}" if self.name else ""
-
-    def describe(self) -> dict:
-        return {
-            "output_stride": self.output_stride,
-            "scales": list(self.scales),
-            "flip": self.flip,
-            "mode": self.mode,
-            **({"slide_crop": self.slide_crop, "slide_stride": self.slide_stride} if self.mode == "slide" else {}),
-            "crf": self.crf,
-        }
-
-
-def protocols_from_config(cfg) -> list[Protocol]:
-    """The experiment's main protocol (`eval.*`, `crf.enabled`) followed by `eval.protocols`."""
-    main = Protocol(
-        name="",
-        output_stride=cfg.eval.output_stride or cfg.model.output_stride,
-        scales=list(cfg.eval.scales),
-        flip=cfg.eval.flip,
-        mode=cfg.eval.mode,
-        slide_crop=cfg.eval.slide_crop,
-        slide_stride=cfg.eval.slide_stride,
-        crf=cfg.crf.enabled,
-    )
-    out = [main]
-    for extra in cfg.eval.protocols:
-        values = {**main.__dict__, "crf": False, **extra}
-        out.append(Protocol(**values))
-    return out
+from deeplab_lit.protocols import Protocol
 
 
 def pad_multiple(model) -> int:

@@ -1,13 +1,17 @@
-"""Experiments resolve, match the rows of PAPERS.md, and bad overrides fail with one clear line."""
+"""Experiments resolve, match the rows of docs/papers.md, and bad overrides fail in one line."""
+import re
 import subprocess
 import sys
 
 import pytest
 
-from deeplab_lit.config import flat_keys, list_experiments, load_experiment
+from deeplab_lit.config import (
+    EVALUATION, INFRASTRUCTURE, RUN, flat_keys, key_role, list_experiments, load_experiment, resolve_experiment,
+    resolve_file)
+from deeplab_lit.config.help import key_rows
 from deeplab_lit.errors import UserError
 
-# id: the keys that define the row, as PAPERS.md states them.
+# id: the keys that define the row, as docs/papers.md states them.
 V1 = dict(generation="v1", backbone="vgg16", head="fc", output_stride=8, crop=321, batch=20, lr=0.001, steps=6000)
 V2_VGG = dict(generation="v2", backbone="vgg16", head="fc", fc6_width=1024, fc6_kernel=3, output_stride=8, crop=321,
               batch=10, lr=0.001, steps=20000, scale=[0.5, 1.5])
@@ -68,13 +72,13 @@ ROWS = {
 GETTERS = {
     "generation": lambda c: c.model.generation, "backbone": lambda c: c.model.backbone,
     "head": lambda c: c.model.head, "output_stride": lambda c: c.model.output_stride,
-    "aspp_rates": lambda c: c.model.aspp_rates, "multi_grid": lambda c: c.model.multi_grid,
+    "aspp_rates": lambda c: list(c.model.aspp_rates), "multi_grid": lambda c: list(c.model.multi_grid),
     "cascade_blocks": lambda c: c.model.cascade_blocks, "image_pooling": lambda c: c.model.image_pooling,
     "fc6_kernel": lambda c: c.model.fc6_kernel, "fc6_width": lambda c: c.model.fc6_width,
-    "msc_features": lambda c: c.model.msc_features, "msc_scales": lambda c: c.model.msc_scales,
+    "msc_features": lambda c: c.model.msc_features, "msc_scales": lambda c: list(c.model.msc_scales),
     "decoder_channels": lambda c: c.model.decoder_channels, "decoder_convs": lambda c: c.model.decoder_convs,
     "bn": lambda c: c.model.bn, "crop": lambda c: c.data.crop_size, "batch": lambda c: c.data.batch_size,
-    "scale": lambda c: c.data.scale_range, "data": lambda c: c.data.name, "lr": lambda c: c.optim.lr,
+    "scale": lambda c: list(c.data.scale_range), "data": lambda c: c.data.name, "lr": lambda c: c.optim.lr,
     "steps": lambda c: c.trainer["max_steps"], "crf": lambda c: c.crf.enabled,
     "eval_mode": lambda c: c.eval.mode, "eval_os": lambda c: c.eval.output_stride,
     "miou": lambda c: c.paper.miou, "miou_crf": lambda c: c.paper.miou_crf,
@@ -102,15 +106,15 @@ def test_recipes_per_generation():
     assert (v2r.crf.bi_w, v2r.crf.bi_xy_std, v2r.crf.bi_rgb_std, v2r.crf.pos_w, v2r.crf.pos_xy_std) == (4, 67, 3, 3, 1)
     assert v2r.optim.new_lr_mult * v2r.optim.bias_lr_mult == 20 and not v2r.optim.bias_weight_decay
     assert (v3.model.bn_momentum, v3.optim.weight_decay, v3.optim.momentum) == (0.0003, 0.0001, 0.9)
-    assert [p["name"] for p in v3.eval.protocols] == ["os8", "os8_ms", "os8_ms_flip"]
+    assert [p.name for p in v3.eval.protocols] == ["os8", "os8_ms", "os8_ms_flip"]
     assert v3.paper.metrics == {"val/mIoU_os8": 78.51, "val/mIoU_os8_ms": 79.45, "val/mIoU_os8_ms_flip": 79.77}
 
 
 def test_overrides_are_typed():
     cfg = load_experiment("v3", ["model.output_stride=8", "model.multi_grid=[1, 2, 1]", "optim.lr=0.01",
                                  "crf.enabled=true", "trainer.max_steps=2", "wandb.tags=[a, b]"])
-    assert cfg.model.output_stride == 8 and cfg.model.multi_grid == [1, 2, 1] and cfg.optim.lr == 0.01
-    assert cfg.crf.enabled is True and cfg.trainer["max_steps"] == 2 and cfg.wandb.tags == ["a", "b"]
+    assert cfg.model.output_stride == 8 and cfg.model.multi_grid == (1, 2, 1) and cfg.optim.lr == 0.01
+    assert cfg.crf.enabled is True and cfg.trainer["max_steps"] == 2 and cfg.wandb.tags == ("a", "b")
 
 
 @pytest.mark.parametrize(
@@ -169,3 +173,101 @@ def test_cli_list_print_config_and_errors():
         result = _fit(*args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0 and text in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run specification: --config files, the --print-config round trip, --help from the schema
+
+
+def test_print_config_fed_back_through_config_resolves_to_the_identical_run(tmp_path):
+    overrides = ["model.output_stride=8", "data.batch_size=6", "eval.flip=true", "seed=2"]
+    printed = _fit("--experiment", "v3", *[f"--{o}" for o in overrides], "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    path = tmp_path / "config.yaml"
+    path.write_text(printed.stdout)
+    again = _fit("--config", str(path), "--print-config")
+    assert again.returncode == 0 and again.stdout == printed.stdout, again.stderr
+    original, from_file = resolve_experiment("v3", overrides), resolve_file(path)
+    assert from_file.config == original.config
+    assert from_file.run_tag == original.run_tag != "default"  # same run directory as the original command
+    assert from_file.default_run_dir() == original.default_run_dir()
+
+
+def test_a_users_own_experiment_file_outside_the_repository(tmp_path):
+    path = tmp_path / "mine" / "wide_decoder.yaml"
+    path.parent.mkdir()
+    path.write_text("base: v3plus\ndescription: my decoder\nmodel: {decoder_channels: 96}\n")
+    spec = resolve_file(path, ["model.decoder_convs=1"])
+    assert spec.name == "wide_decoder" and spec.config.description == "my decoder"
+    assert (spec.config.model.generation, spec.config.model.decoder_channels, spec.config.model.decoder_convs) == \
+        ("v3plus", 96, 1)
+    assert spec.run_tag != "default" and spec.config.crf == load_experiment("v3plus").crf
+    for text, message in [("base: nope\n", "base 'nope' not found"), ("[1, 2]\n", "expected a mapping"),
+                          ("model: {decoder_chanels: 3}\n", "did you mean 'model.decoder_channels'")]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            resolve_file(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(UserError, match="not a text file"):
+        resolve_file(path)
+
+
+def test_infrastructure_keys_share_the_run_directory_and_run_keys_do_not():
+    base = resolve_experiment("v3")
+    assert base.run_tag == "default"
+    same = resolve_experiment("v3", ["data.num_workers=0", "trainer.devices=2", "wandb.mode=disabled",
+                                     "data.root=/elsewhere", "model.output_stride=16"])  # the last is a no-op
+    assert same.default_run_dir() == base.default_run_dir()
+    changed = resolve_experiment("v3", ["optim.lr=0.01"])
+    assert changed.run_tag != "default" and changed.default_run_dir() != base.default_run_dir()
+    assert resolve_experiment("v3", ["seed=1"]).default_run_dir().name == "default-seed1"
+    assert key_role("model.output_stride") == RUN and key_role("eval.output_stride") == EVALUATION
+    assert key_role("trainer.devices") == INFRASTRUCTURE and key_role("trainer.max_steps") == RUN
+    assert key_role("data.root") == INFRASTRUCTURE and key_role("crf.bi_w") == EVALUATION
+
+
+def test_help_lists_every_key_with_type_default_and_doc():
+    result = _fit("--help")
+    assert result.returncode == 0
+    for key in flat_keys():
+        line = next((line for line in result.stdout.splitlines() if line.strip().startswith(f"--{key} ")), None)
+        assert line is not None, key
+    rows = {row[0]: row for row in key_rows()}
+    assert rows["model.output_stride"][1:4] == ("8|16|32", "16", "run")
+    assert rows["model.backbone"][1] == "vgg16|resnet50|resnet101" and rows["data.name"][1].startswith("voc|voc_aug")
+    assert rows["crf.bi_xy_std"][1:4] == ("float", "67.0", "evaluation") and rows["crf.bi_xy_std"][4]
+    assert all(row[4] for row in rows.values()), [k for k, r in rows.items() if not r[4]]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.devices=0", "trainer.devices=0 must be a positive count"),
+    ("trainer.precision=17-mixed", "trainer.precision='17-mixed' is not a Lightning precision"),
+    ("trainer.accelerator=quantum", "trainer.accelerator='quantum' is not one of"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 must be a positive number of steps"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be a number of steps"),
+    ("trainer.strategy=dp", "trainer.strategy='dp' is not a Lightning strategy"),
+    ("seed=-1", "seed=-1 must be an integer between 0 and 4294967295"),
+    ("optim.lr=0", "optim.lr=0.0 must be a positive number"),
+    ("optim.momentum=1.5", "optim.momentum=1.5 must be a number in [0, 1)"),
+    ("eval.mode=slide", None),
+    ("eval.slide_crop=0", None),
+    ("eval.protocols=[{name: os8, output_stride: 7}]", "eval.protocols[0].output_stride=7 is not valid"),
+    ("eval.protocols=[os8]", "eval.protocols[0] = 'os8': each protocol is a mapping with a name"),
+    ("eval.protocols=[{name: x, flipp: true}]", "unknown config key 'eval.protocols[0].flipp' (did you mean"),
+    ("eval.protocols=[{name: ms_crf}]", "eval.protocols[0].name='ms_crf' must not end in 'crf'"),
+    ("eval.protocols=[{name: os8}, {name: os8}]", "eval.protocols[1].name='os8' is used twice"),
+    ("eval.scales=[0]", "eval.scales=[0.0]: needs one or more positive scales"),
+])
+def test_values_that_would_fail_late_are_refused_when_resolved(override, message):
+    if message is None:  # a window of 0 only matters in slide mode
+        with pytest.raises(UserError, match=r"eval.slide_crop=0 must be an integer at least 1"):
+            load_experiment("v3", ["eval.mode=slide", "eval.slide_crop=0"])
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_experiment("v3", [override])
+
+
+def test_experiment_takes_names_only():
+    for name in ["../experiments/v3", "experiments/v3.yaml", "v3.yaml", "/tmp/v3"]:
+        result = _fit("--experiment", name, "--print-config")
+        assert result.returncode == 2 and "give an experiment name" in result.stderr and "--config FILE" in result.stderr

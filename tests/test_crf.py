@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import math
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ MEAN_ABS_DIFF = 1e-6
 MIN_LABEL_AGREEMENT = 0.999
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
-# v2 ResNet-101 (the default), v2 VGG-16 (PAPERS.md), and a wide colour / narrow position setting.
+# v2 ResNet-101 (the default), v2 VGG-16 (docs/papers.md), and a wide colour / narrow position setting.
 PARAMS = {
     "v2_resnet": None,
     "v2_vgg": dict(iterations=10, bi_w=4.0, bi_xy_std=65.0, bi_rgb_std=3.0, pos_w=2.0, pos_xy_std=2.0),
@@ -231,6 +233,18 @@ def _good():
     return noisy_softmax(photo("chelsea", 40), 3), torch.from_numpy(photo("chelsea", 40))[None]
 
 
+def _params(**changes):
+    """Any object with the six attributes (the config's CRF section itself refuses bad values when built)."""
+    return SimpleNamespace(**{**vars(CRFParams()), **changes})
+
+
+def test_the_config_section_refuses_bad_values_when_built():
+    with pytest.raises(CRFInputError, match="bi_rgb_std must be a positive"):
+        CRFConfig(bi_rgb_std=-3.0)
+    with pytest.raises(CRFInputError, match="iterations must be an integer"):
+        CRFConfig(iterations=-1)
+
+
 def _bad_cases():
     probs, image = _good()
     nan = probs.clone()
@@ -252,8 +266,8 @@ def _bad_cases():
         "unknown backend": (probs, image, {"backend": "densecrf"}, "unknown CRF backend 'densecrf'"),
         "list input": (probs.tolist(), image, {}, "torch tensor or a numpy array"),
         "missing param": (probs, image, {"params": {"bi_w": 4}}, "lack 'iterations'"),
-        "negative std": (probs, image, {"params": CRFConfig(bi_rgb_std=-3.0)}, "bi_rgb_std must be a positive"),
-        "negative iterations": (probs, image, {"params": CRFConfig(iterations=-1)}, "iterations must be an integer"),
+        "negative std": (probs, image, {"params": _params(bi_rgb_std=-3.0)}, "bi_rgb_std must be a positive"),
+        "negative iterations": (probs, image, {"params": _params(iterations=-1)}, "iterations must be an integer"),
         "std too small": (probs, image, {"params": CRFConfig(bi_rgb_std=1e-4)}, "out of range.*too small"),
     }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from deeplab_lit.crf.search import confusion, fine_ranges, grid, miou_from_confusion
+from deeplab_lit.crf_search import confusion, fine_ranges, grid, miou_from_confusion
 from test_fit import cli, run_fit
 
 
@@ -44,12 +44,12 @@ def test_search_end_to_end_and_sweep_mode(tmp_path):
     assert report["images"] == 2 and report["best"]["miou"] == max(float(r["miou"]) for r in rows)
     best = yaml.safe_load((out / "crf_best.yaml").read_text())["crf"]
     assert best["bi_w"] == report["best"]["bi_w"] and best["iterations"] == 2
-    assert list(out.glob("crf_unaries_*.pt"))  # cached for the next run
+    assert list(out.glob("crf_unaries_*.npz"))  # cached for the next run, as arrays (never a pickle)
 
     evaluated = cli("deeplab_lit.evaluate", "--checkpoint", str(checkpoint), "--crf-params", str(out / "crf_best.yaml"),
                     "--crf.enabled=true", "--trainer.limit_val_batches=2", "--json", str(tmp_path / "e.json"))
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert json.loads((tmp_path / "e.json").read_text())["crf_params"]["bi_w"] == best["bi_w"]
+    assert json.loads((tmp_path / "e.json").read_text())["config"]["crf"]["bi_w"] == best["bi_w"]
 
     single = cli("deeplab_lit.crf.search", "--checkpoint", str(checkpoint), "--images", "2", "--out", str(out),
                  "--crf.bi_w=5", "--crf.bi_xy_std=30", "--crf.bi_rgb_std=3")

@@ -1,6 +1,7 @@
 """VOC 2012 and train_aug (VOC + SBD) on small trees in the real formats; bad VOC inputs."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from deeplab_lit.config import DataConfig
 from deeplab_lit.errors import UserError
-from datamodules import build_datamodule
+from datamodules import build_datamodule, validate_data_config
 from datamodules.prepare import main as prepare_main
 from datamodules.prepare import prepare_sbd, prepare_voc
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -246,15 +247,14 @@ def test_prepare_sbd_resumes_an_interrupted_conversion(voc_root):
     "override, message",
     [
         ({"crop_size": 0}, r"data.crop_size=0 must be a positive"),
-        ({"scale_range": [1.5, 0.5]}, r"data.scale_range=\[1.5, 0.5\] must be \[low, high\]"),
+        ({"scale_range": [1.5, 0.5]}, r"data.scale_range=\[1.5, 0.5\]: needs \[lo, hi\] with 0 < lo <= hi"),
         ({"num_workers": -1}, r"data.num_workers=-1 must be 0 or more"),
         ({"eval_batch_size": 0}, r"data.batch_size and data.eval_batch_size must be at least 1"),
-        ({"name": "coco"}, r"data.name='coco' is not one of voc, voc_aug, cityscapes, synthetic"),
+        ({"name": "coco"}, r"data.name='coco' is unknown \(config key \"data.name\": expected one of \[voc, voc_aug, "
+                           r"cityscapes, synthetic\]\)"),
     ],
 )
 def test_bad_config_values(tmp_path, override, message):
-    cfg = data_cfg(tmp_path)
-    for key, value in override.items():
-        setattr(cfg, key, value)
+    cfg = dataclasses.replace(data_cfg(tmp_path), **override)
     with pytest.raises(UserError, match=message):
-        build_datamodule(cfg)
+        validate_data_config(cfg)  # the data rules, checked once when a run is resolved

@@ -10,10 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from deeplab_lit.config import load_experiment
+from deeplab_lit.config import load_experiment, resolve_experiment
 from deeplab_lit.errors import UserError
 from deeplab_lit.fit import main as fit_main
-from deeplab_lit.fit import train
+from deeplab_lit.training import train
 
 FAST = [
     "data.name=synthetic",
@@ -62,8 +62,8 @@ def test_fit_two_steps_of_each_generation(tmp_path, name, extra):
         assert set(summary["metrics"]) >= {"val/mIoU", "val/mIoU_crf"}
     if name == "v3":  # v3 Table 6 protocols, each under its own name
         assert set(summary["metrics"]) >= {"val/mIoU", "val/mIoU_os8", "val/mIoU_os8_ms", "val/mIoU_os8_ms_flip"}
-    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
-    assert checkpoint["hyper_parameters"]["config"]["name"] == name and checkpoint["global_step"] == 2
+    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=True)  # plain data and tensors only
+    assert checkpoint["deeplab_lit"]["config"]["name"] == name and checkpoint["global_step"] == 2
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
@@ -86,23 +86,22 @@ class Preempt(Callback):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 def test_sigterm_saves_and_the_same_command_resumes_to_identical_weights(tmp_path):
     overrides = [*FAST, "model.backbone=resnet50", "trainer.max_steps=4", "trainer.val_check_interval=4",
                  "trainer.limit_val_batches=1", "wandb.mode=disabled", "seed=3"]
-    cfg = load_experiment("v3", overrides)
-    train(cfg, overrides, run_dir=str(tmp_path / "straight"))
+    train(resolve_experiment("v3", overrides), run_dir=str(tmp_path / "straight"))
 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(SystemExit):
-        train(load_experiment("v3", overrides), overrides, run_dir=str(interrupted), callbacks=[Preempt(2)])
-    saved = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)
+        train(resolve_experiment("v3", overrides), run_dir=str(interrupted), callbacks=[Preempt(2)])
+    saved = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2
-    train(load_experiment("v3", overrides), overrides, run_dir=str(interrupted))  # finds last.ckpt, resumes
+    train(resolve_experiment("v3", overrides), run_dir=str(interrupted))  # finds last.ckpt, resumes
     resumed, straight = weights(interrupted), weights(tmp_path / "straight")
-    assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
 
@@ -117,8 +116,8 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
     overrides = [*FAST, "model.backbone=resnet50", "trainer.max_steps=3", "trainer.val_check_interval=1",
                  "trainer.limit_val_batches=1", "wandb.mode=disabled"]
     with pytest.raises(UserError, match=r"loss became nan at step 1; stopping \(the last good checkpoint is kept\)"):
-        train(load_experiment("v3", overrides), overrides, run_dir=str(tmp_path / "nan"), callbacks=[Diverge()])
-    kept = torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=False)
+        train(resolve_experiment("v3", overrides), run_dir=str(tmp_path / "nan"), callbacks=[Diverge()])
+    kept = torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 1
 
 

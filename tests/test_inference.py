@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeplab_lit.config import load_experiment
+from deeplab_lit.config import build_protocols, load_experiment
 from deeplab_lit.inference import (
     Protocol,
     evaluation_output_stride,
@@ -14,7 +14,6 @@ from deeplab_lit.inference import (
     predict_logits_slide,
     predict_logits_whole,
     predict_probs,
-    protocols_from_config,
 )
 from deeplab_lit.models import build_model
 
@@ -136,9 +135,9 @@ def test_eval_output_stride_switches_in_place_and_restores(v3):
 
 
 def test_protocols_from_the_v3_experiment():
-    protocols = protocols_from_config(load_experiment("v3"))
+    protocols = build_protocols(load_experiment("v3"))
     assert [(p.name, p.output_stride, len(p.scales), p.flip) for p in protocols] == [
         ("", 16, 1, False), ("os8", 8, 1, False), ("os8_ms", 8, 6, False), ("os8_ms_flip", 8, 6, True)
     ]
-    crf = protocols_from_config(load_experiment("aspp_l"))
+    crf = build_protocols(load_experiment("aspp_l"))
     assert crf[0].crf and crf[0].output_stride == 8

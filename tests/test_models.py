@@ -1,4 +1,4 @@
-"""The model zoo against PAPERS.md: shapes, atrous rates, output-stride switching, torchvision
+"""The model zoo against docs/papers.md: shapes, atrous rates, output-stride switching, torchvision
 equivalence, VGG weight conversion, head structure and fusion, pretrained loading, parameter groups,
 complexity counting. CPU only; full architectures on 65x65 / 97x97 inputs."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ VGG = dict(backbone="vgg16", output_stride=8, head="fc", multi_grid=[1, 1, 1])
 R101_V2 = dict(generation="v2", backbone="resnet101", output_stride=8, bn="frozen")
 MSC = [1.0, 0.75, 0.5]
 
-# The model part of every PAPERS.md row (rows differing only in data/recipe share a structure).
+# The model part of every docs/papers.md row (rows differing only in data/recipe share a structure).
 PAPER_MODELS = {
     "v1_7x7": dict(VGG, generation="v1", fc6_kernel=7, aspp_rates=[4], fc6_width=4096),
     "v1_4x4": dict(VGG, generation="v1", fc6_kernel=4, aspp_rates=[4], fc6_width=4096),
@@ -160,7 +160,7 @@ def test_block4_and_cascaded_block_rates(output_stride, multi_grid):
 
 
 def test_paper_multi_grid_example():
-    """PAPERS.md: OS 16 with MG (1, 2, 4) -> rates 2, 4, 8; OS 8 -> 4, 8, 16."""
+    """docs/papers.md: OS 16 with MG (1, 2, 4) -> rates 2, 4, 8; OS 8 -> 4, 8, 16."""
     model = build_meta("v3")
     assert model.atrous_rates()["layer4"] == [2, 4, 8]
     model.set_output_stride(8)
@@ -263,7 +263,7 @@ def test_resnet101_multi_grid_111_equals_torchvision_dilated(output_stride, repl
         assert torch.equal(got["out"], got["layer4"])
 
 
-# --- heads against PAPERS.md --------------------------------------------------------------------------
+# --- heads against docs/papers.md -------------------------------------------------------------------
 
 FC_ROWS = {  # id: (kernel, rates, width, msc)
     "v1_7x7": (7, [4], 4096, False), "v1_4x4": (4, [4], 4096, False), "v1_4x4_r8": (4, [8], 4096, False),

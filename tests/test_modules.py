@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deeplab_lit.config import load_experiment
+import dataclasses
+
+from deeplab_lit.config import DatasetInfo, resolve_experiment
 from deeplab_lit.modules import MODULES, build_module
 from deeplab_lit.modules.base import poly_factor, step_factor
 from deeplab_lit.modules.v1 import downsample_labels
@@ -13,9 +15,10 @@ CLASSES = [f"c{i}" for i in range(5)]
 
 
 def module_for(name, *overrides):
-    cfg = load_experiment(name, ["model.pretrained=none", *overrides])
+    spec = resolve_experiment(name, ["model.pretrained=none", *overrides])
+    spec = dataclasses.replace(spec, dataset=DatasetInfo("test", len(CLASSES), tuple(CLASSES)))
     torch.manual_seed(0)
-    return build_module(cfg, len(CLASSES), CLASSES)
+    return build_module(spec)
 
 
 def scheduled_lrs(module, steps):
@@ -210,7 +213,7 @@ def test_reference_crf_in_validation_runs_asynchronously_and_equals_synchronous(
     with torch.no_grad():
         for batch in batches:
             probs = predict_probs(expected.model, batch["image"], Protocol(output_stride=8))
-            refined = dense_crf(probs, batch["rgb"], params=expected.cfg.crf, backend="pydensecrf", workers=1)
+            refined = dense_crf(probs, batch["rgb"], params=expected.crf, backend="pydensecrf", workers=1)
             predictions.append(refined.argmax(1).numpy().ravel())
             targets.append(batch["mask"].numpy().ravel())
     miou, accuracy = numpy_miou(np.concatenate(predictions), np.concatenate(targets), 5)

@@ -14,8 +14,10 @@ import yaml
 from PIL import Image
 
 from deeplab_lit import report
-from deeplab_lit.config import load_experiment, to_dict
+from deeplab_lit.config import load_experiment, resolve_experiment, to_dict
 from deeplab_lit.errors import UserError
+from deeplab_lit.protocols import MetricKey
+from deeplab_lit.records import MetricResult, SummaryRecord
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -24,21 +26,23 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
 def summary(experiment, seed, metrics, overrides=(), steps=None, protocols=True, world_size=1,
             init="imagenet (torchvision)"):
     """A summary.json as fit writes it, for `experiment` resolved with `overrides`."""
-    cfg = load_experiment(experiment, [f"seed={seed}", *overrides])
-    main = {"output_stride": cfg.eval.output_stride or cfg.model.output_stride, "scales": list(cfg.eval.scales),
-            "flip": cfg.eval.flip, "mode": cfg.eval.mode}
-    return {
-        "experiment": experiment, "description": cfg.description, "ablation": cfg.ablation, "seed": seed,
-        "config": to_dict(cfg), "overrides": [f"seed={seed}", "wandb.mode=online", *overrides],
-        "protocol": {"train_output_stride": cfg.model.output_stride, "eval_output_stride": main["output_stride"],
-                     "eval_mode": cfg.eval.mode, "eval_scales": list(cfg.eval.scales), "eval_flip": cfg.eval.flip,
-                     "crf": to_dict(cfg)["crf"], "bn_mode": cfg.model.bn,
-                     "effective_batch_size": cfg.data.batch_size * world_size, "init_source": init,
-                     "world_size": world_size, "precision": "bf16-mixed"},
-        "protocols": {"mIoU": {**main, "crf": False}} if protocols else {},
-        "metrics": metrics, "paper": to_dict(cfg)["paper"],
-        "steps": cfg.trainer["max_steps"] if steps is None else steps,
-    }
+    spec = resolve_experiment(experiment, [f"seed={seed}", *overrides])
+    cfg = spec.config
+    by_key = {key.text: (protocol, key) for protocol in spec.protocols for key in protocol.metric_keys()}
+    results = {}
+    for name, value in metrics.items():
+        protocol, key = by_key[MetricKey.parse(name).text]
+        results[key.text] = MetricResult(miou=value, pixel_acc=0.9, per_class_iou={}, protocol=protocol.describe(key.crf))
+    return SummaryRecord(
+        kind="fit", experiment=experiment, split="val", results=results, config=to_dict(cfg),
+        class_names=list(spec.dataset.class_names), seed=seed, description=cfg.description, ablation=cfg.ablation,
+        overrides=[f"seed={seed}", "wandb.mode=online", *overrides],
+        protocol={"train_output_stride": cfg.model.output_stride, "eval_output_stride": spec.protocols[0].output_stride,
+                  "eval_mode": cfg.eval.mode, "eval_scales": list(cfg.eval.scales), "eval_flip": cfg.eval.flip,
+                  "crf": to_dict(cfg)["crf"], "bn_mode": cfg.model.bn,
+                  "effective_batch_size": cfg.data.batch_size * world_size, "init_source": init,
+                  "world_size": world_size, "precision": "bf16-mixed"},
+        paper=to_dict(cfg)["paper"], steps=cfg.trainer["max_steps"] if steps is None else steps).to_json()
 
 
 def write(root, name, data):
@@ -65,7 +69,7 @@ def runs(tmp_path):
                              overrides=["crf.enabled=true"]))  # a no-op override: not a recipe change
     write(root, "a", summary("aspp_s", 1, {"val/mIoU": 0.667, "val/mIoU_crf": 0.699}))
     # ASPP-L not run
-    write(root, "a", summary("v3", 0, V3_PROTOCOL_METRICS, protocols=False))  # protocols rebuilt from config
+    write(root, "a", summary("v3", 0, V3_PROTOCOL_METRICS))
     write(root, "w8", summary("v3plus_1conv", 0, {"val/mIoU": 0.775}, overrides=["model.decoder_channels=8"]))
     write(root, "w48", summary("v3plus_1conv", 0, {"val/mIoU": 0.781}))  # 48 wide: Table 1 and Table 2
     write(root, "c2", summary("v3plus_1conv", 0, {"val/mIoU": 0.779}, overrides=["model.decoder_convs=2"]))
@@ -129,7 +133,7 @@ def test_protocol_rows_overrides_and_notes(runs):
     assert [r.cells[0].mean for r in inference.rows] == pytest.approx([77.2, 78.6, 79.1, 79.5])
     assert [r.cells[0].paper for r in inference.rows] == [77.21, 78.51, 79.45, 79.77]
     assert inference.agreements[0].agrees
-    # this summary has no "protocols": rebuilt from the config's eval.protocols
+    # each metric's protocol as the summary records it
     v3 = next(r for r in records if r.experiment == "v3")
     assert report.describe_protocol(v3, "val/mIoU_os8_ms_flip") == \
         "train OS 16 · eval OS 8 · 6 scales 0.5-1.75 · flip · batch 16 · imagenet (torchvision)"
@@ -303,7 +307,7 @@ def test_every_table_is_trained_by_its_sweep_file():
 
 
 def test_plan_counts_runs_and_training_flops(tmp_path):
-    from deeplab_lit.summary import summarize
+    from deeplab_lit.model_summary import summarize
 
     (tmp_path / "aspp.yaml").write_text((REPO / "sweeps" / "aspp.yaml").read_text())
     result = report.plan(tmp_path, tflops=100.0)
@@ -315,7 +319,7 @@ def test_plan_counts_runs_and_training_flops(tmp_path):
     assert lines["v1 Table 2: field of view of fc6 (VGG-16, VOC val)"][2] == "0"  # its sweep file is not there
     # the costliest run is ASPP-L; its training alone, from the summary command's MACs (a real forward):
     # 3 x forward x batch x steps; validation every 1,000 steps and the final evaluation come on top
-    gmacs = summarize(load_experiment("aspp_l"), [321])["gmacs"]["321x321"]
+    gmacs = summarize(resolve_experiment("aspp_l"), [321])["gmacs"]["321x321"]
     train_hours = 6 * gmacs * 1e9 * 10 * 20000 / 100e12 / 3600
     low, high = map(float, result.sweeps[0][2].split("-"))
     assert train_hours < high < train_hours * 1.5

@@ -23,8 +23,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from wandb.sdk.lib.config_util import save_config_file_from_dict
 
 from deeplab_lit import fit
-from deeplab_lit.config import flat_keys, list_experiments, load_experiment, to_dict, to_yaml
-from deeplab_lit.inference import protocols_from_config
+from deeplab_lit.config import resolve_experiment, build_protocols, flat_keys, list_experiments, load_experiment, to_dict, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "sweeps"
@@ -36,7 +35,7 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 
 # ---------------------------------------------------------------------------------------------------
 # What each sweep must train: one entry per grid cell (seeds aside), the values that define its paper
-# row (PAPERS.md) and the paper's numbers. A key "protocols" lists the evaluation protocols of the run
+# row (docs/papers.md) and the paper's numbers. A key "protocols" lists the evaluation protocols of the run
 # as (name, output stride, number of scales, flip).
 
 V1_CRF = {"crf.enabled": True, "crf.bi_w": 4, "crf.bi_xy_std": 121, "crf.bi_rgb_std": 5, "crf.pos_w": 3,
@@ -189,7 +188,7 @@ EXPECTED = {
 def lookup(cfg, key):
     """A dotted key of the resolved config ('paper.metrics.x' reaches into dicts); 'protocols' too."""
     if key == "protocols":
-        return [(p.name, p.output_stride, len(p.scales), p.flip) for p in protocols_from_config(cfg)]
+        return [(p.name, p.output_stride, len(p.scales), p.flip) for p in build_protocols(cfg)]
     node = to_dict(cfg)
     if key.startswith("paper.metrics."):
         return node["paper"]["metrics"].get(key.removeprefix("paper.metrics."))
@@ -240,7 +239,7 @@ def test_sweep_is_a_valid_wandb_sweep_config(name):
     sweep = LOAD[name]
     assert set(sweep) <= SWEEP_KEYS and {"program", "method", "metric", "parameters", "command"} <= set(sweep)
     assert sweep["method"] in ("grid", "random", "bayes")
-    crf_search = sweep["program"] == "deeplab_lit.crf.search"  # maximises the CRF's score, not the network's
+    crf_search = sweep["program"] == "deeplab_lit.crf_search"  # maximises the CRF's score, not the network's
     assert sweep["metric"] == {"name": "val/mIoU_crf" if crf_search else "val/mIoU", "goal": "maximize"}
     assert sweep["command"] == ["${env}", "${interpreter}", "-m", "${program}", "${args}"]
     assert importlib.util.find_spec(sweep["program"]) is not None
@@ -311,7 +310,7 @@ def test_no_two_grid_points_share_a_run_directory():
     for name in FIT_SWEEPS:
         for point in grid_points(LOAD[name]):
             cfg, overrides = resolve(point)
-            run_dir = fit.default_run_dir(cfg, overrides)
+            run_dir = resolve_experiment(cfg.name, overrides).default_run_dir()
             assert run_dir not in owners, f"{run_dir}: {owners.get(run_dir)} and {name} {point}"
             owners[run_dir] = (name, point)
     assert len(owners) == sum(len(grid_points(LOAD[name])) for name in FIT_SWEEPS)
@@ -335,7 +334,7 @@ def test_agent_command_lines_print_the_resolved_config():
 
 
 def test_crf_search_sweep_points_are_accepted_by_the_search(tmp_path):
-    from deeplab_lit.crf import search
+    from deeplab_lit import crf_search as search
 
     sweep = LOAD["crf_search.yaml"]
     parameters = sweep["parameters"]
@@ -448,7 +447,7 @@ def test_requeued_job_resumes_the_run_its_agent_took(tmp_path):
     assert called[9:] == sweep_args(point) == ["--experiment=v3_block7_mg121", "--model.multi_grid=[1, 2, 4]",
                                                "--crf.enabled=True", "--seed=1", "--wandb.mode=online"]
     cfg, _ = resolve(point)
-    assert cfg.model.multi_grid == [1, 2, 4] and cfg.crf.enabled is True
+    assert cfg.model.multi_grid == (1, 2, 4) and cfg.crf.enabled is True
 
 
 def test_usr1_before_the_time_limit_requeues_and_waits_for_the_run(tmp_path):

@@ -1,15 +1,16 @@
 """CRF parameters: the five kernel parameters and the number of mean-field iterations.
 
-`resolve_params` accepts the `CRFConfig` dataclass of deeplab_lit/config.py (extra attributes such
-as `enabled` and `backend` are ignored), a plain dict with the same keys, a `CRFParams`, or None for
-the DeepLab v2 ResNet-101 values (v2 paper, section 4.1: w1 = 4, sigma_alpha = 67, sigma_beta = 3,
+`CRFParams` is the one parameter type: the configuration's `crf` section (`CRFConfig`) extends it with
+`enabled` and `backend`, so these defaults are the configuration's too. `resolve_params` accepts a
+`CRFParams` (or a subclass), a plain dict with the six keys, any object with the six attributes, or
+None for the DeepLab v2 ResNet-101 values (v2 paper, section 4.1: w1 = 4, sigma_alpha = 67, sigma_beta = 3,
 w2 = 3, sigma_gamma = 1, 10 iterations).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from deeplab_lit.crf.errors import CRFInputError
@@ -24,12 +25,12 @@ class CRFParams:
     iterations: mean-field iterations (0 returns the clipped, renormalised input)
     """
 
-    iterations: int = 10
-    bi_w: float = 4.0
-    bi_xy_std: float = 67.0
-    bi_rgb_std: float = 3.0
-    pos_w: float = 3.0
-    pos_xy_std: float = 1.0
+    iterations: int = field(default=10, metadata={"doc": "mean-field iterations"})
+    bi_w: float = field(default=4.0, metadata={"doc": "w1: weight of the appearance (bilateral) kernel"})
+    bi_xy_std: float = field(default=67.0, metadata={"doc": "sigma_alpha: appearance kernel's spatial std, pixels"})
+    bi_rgb_std: float = field(default=3.0, metadata={"doc": "sigma_beta: appearance kernel's colour std"})
+    pos_w: float = field(default=3.0, metadata={"doc": "w2: weight of the smoothness (Gaussian) kernel"})
+    pos_xy_std: float = field(default=1.0, metadata={"doc": "sigma_gamma: smoothness kernel's spatial std, pixels"})
 
     def __post_init__(self):
         iterations = self.iterations
@@ -61,7 +62,7 @@ def resolve_params(params: Any = None) -> CRFParams:
     """CRFParams from None (v2 ResNet defaults), a CRFParams, a mapping or any object with the attributes."""
     if params is None:
         return CRFParams()
-    if isinstance(params, CRFParams):
+    if type(params) is CRFParams:
         return params
     values = {}
     for name in PARAM_NAMES:

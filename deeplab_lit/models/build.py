@@ -1,6 +1,7 @@
 """`build_model(cfg.model, num_classes)`: registries of backbones, heads and generations.
 
-A new backbone or head is one file plus one line in `BACKBONES` / `HEADS`. A generation builder
+A new backbone or head is one file plus one `register` line in `BACKBONES` / `HEADS` (registry.py);
+the config's allowed names and `--help` come from these registries. A generation builder
 composes backbone and head into a `DeepLab`: v1, v2 and v3 put the configured head on the backbone
 (v2 adds the MSC pyramid through `msc_scales`); v3plus wraps the v3 ASPP into the decoder head.
 Combinations that cannot work are refused with a UserError naming the key.
@@ -9,15 +10,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from torch import nn
-
 from deeplab_lit.errors import UserError
+from deeplab_lit.models.batchnorm import BN_MODES
 from deeplab_lit.models.backbones import ResNetBackbone, VGG16Atrous
 from deeplab_lit.models.deeplab import DeepLab
 from deeplab_lit.models.heads import ASPP, ASPPHead, AtrousClassifierHead, ClassifierHead, DecoderHead, FCHead
 from deeplab_lit.models.pretrained import load_pretrained
-
-DEFAULT_ASPP_DROPOUT = 0.1  # TF-DeepLab's keep_prob 0.9 after the ASPP projection (see heads/aspp.py)
+from deeplab_lit.registry import Registry
 
 
 def _resnet(depth: int) -> Callable:
@@ -27,60 +26,58 @@ def _resnet(depth: int) -> Callable:
     return build
 
 
-BACKBONES: dict[str, Callable] = {
-    "vgg16": lambda cfg: VGG16Atrous(),
-    "resnet50": _resnet(50),
-    "resnet101": _resnet(101),
-}
+BACKBONES: Registry[Callable] = Registry("model.backbone")
+BACKBONES.register("vgg16", lambda cfg: VGG16Atrous(), "DeepLab's atrous VGG-16 (output stride 8)")
+BACKBONES.register("resnet50", _resnet(50), "torchvision ResNet-50, output stride 8/16/32, multi-grid, cascade")
+BACKBONES.register("resnet101", _resnet(101), "torchvision ResNet-101, output stride 8/16/32, multi-grid, cascade")
 
 
 def build_aspp(cfg, backbone) -> ASPP:
     return ASPP(backbone.out_channels, rates=list(cfg.aspp_rates), channels=cfg.aspp_channels,
                 image_pooling=cfg.image_pooling, rates_absolute=cfg.aspp_rates_absolute,
-                dropout=getattr(cfg, "aspp_dropout", DEFAULT_ASPP_DROPOUT), output_stride=backbone.output_stride)
+                dropout=cfg.aspp_dropout, output_stride=backbone.output_stride)
 
 
-HEADS: dict[str, Callable] = {
-    "fc": lambda cfg, backbone, n: FCHead(
-        backbone.out_channels, n, rates=list(cfg.aspp_rates), kernel=cfg.fc6_kernel, width=cfg.fc6_width,
-        dropout=cfg.dropout, msc_features=cfg.msc_features),
-    "classifier": lambda cfg, backbone, n: ClassifierHead(backbone.out_channels, n),
-    "atrous_classifier": lambda cfg, backbone, n: AtrousClassifierHead(
-        backbone.out_channels, n, rates=list(cfg.aspp_rates)),
-    "aspp": lambda cfg, backbone, n: ASPPHead(build_aspp(cfg, backbone), n),
-}
+HEADS: Registry[Callable] = Registry("model.head")
+HEADS.register("fc", lambda cfg, backbone, n: FCHead(
+    backbone.out_channels, n, rates=list(cfg.aspp_rates), kernel=cfg.fc6_kernel, width=cfg.fc6_width,
+    dropout=cfg.dropout, msc_features=cfg.msc_features), "VGG fc6-fc7-fc8 per rate, summed (v1, v2 VGG)")
+HEADS.register("classifier", lambda cfg, backbone, n: ClassifierHead(backbone.out_channels, n),
+               "one 1x1 classifier (v2 ResNet, v3 cascaded blocks)")
+HEADS.register("atrous_classifier", lambda cfg, backbone, n: AtrousClassifierHead(
+    backbone.out_channels, n, rates=list(cfg.aspp_rates)), "3x3 atrous classifiers summed (v2 ResNet ASPP)")
+HEADS.register("aspp", lambda cfg, backbone, n: ASPPHead(build_aspp(cfg, backbone), n),
+               "v3 ASPP + 1x1 classifier (v3, v3+ encoder)")
+
+
+def _deeplab(cfg, backbone, head) -> DeepLab:
+    return DeepLab(backbone, head, generation=cfg.generation, msc_scales=cfg.msc_scales, bn_mode=cfg.bn,
+                   bn_momentum=cfg.bn_momentum)
 
 
 def _backbone_and_head(cfg, backbone, num_classes) -> DeepLab:
-    return DeepLab(backbone, HEADS[cfg.head](cfg, backbone, num_classes), generation=cfg.generation,
-                   msc_scales=cfg.msc_scales, bn_mode=cfg.bn)
+    return _deeplab(cfg, backbone, HEADS[cfg.head](cfg, backbone, num_classes))
 
 
 def _v3plus(cfg, backbone, num_classes) -> DeepLab:
     head = DecoderHead(build_aspp(cfg, backbone), num_classes, low_level_channels=backbone.low_level_channels,
                        decoder_channels=cfg.decoder_channels, decoder_convs=cfg.decoder_convs)
-    return DeepLab(backbone, head, generation=cfg.generation, msc_scales=cfg.msc_scales, bn_mode=cfg.bn)
+    return _deeplab(cfg, backbone, head)
 
 
-GENERATIONS: dict[str, Callable] = {
-    "v1": _backbone_and_head,
-    "v2": _backbone_and_head,
-    "v3": _backbone_and_head,
-    "v3plus": _v3plus,
-}
+GENERATIONS: Registry[Callable] = Registry("model.generation")
+GENERATIONS.register("v1", _backbone_and_head, "DeepLab v1: VGG-16, fc head, loss at stride 8")
+GENERATIONS.register("v2", _backbone_and_head, "DeepLab v2: VGG-16 or ResNet, ASPP by summed logits, MSC")
+GENERATIONS.register("v3", _backbone_and_head, "DeepLab v3: ResNet, ASPP with BatchNorm and image pooling")
+GENERATIONS.register("v3plus", _v3plus, "DeepLab v3+: the v3 encoder and a decoder on the stride-4 feature")
 RESNETS = ("resnet50", "resnet101")
 
 
-def _choice(key: str, value, registry) -> None:
-    if value not in registry:
-        raise UserError(f"model.{key}={value!r} is unknown; choose one of {', '.join(registry)}")
-
-
 def validate(cfg, num_classes: int) -> None:
-    """Refuse combinations the zoo cannot build, naming the key and what to do."""
-    _choice("generation", cfg.generation, GENERATIONS)
-    _choice("backbone", cfg.backbone, BACKBONES)
-    _choice("head", cfg.head, HEADS)
+    """Refuse networks the zoo cannot build, naming the key and what to do (the rules live here only)."""
+    GENERATIONS[cfg.generation]
+    BACKBONES[cfg.backbone]
+    HEADS[cfg.head]
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     if cfg.head == "fc" and cfg.backbone != "vgg16":
@@ -94,6 +91,9 @@ def validate(cfg, num_classes: int) -> None:
                         f"and model.head=aspp (got {cfg.backbone}, {cfg.head})")
     if cfg.msc_features and cfg.head != "fc":
         raise UserError("model.msc_features (v1 MSc) needs model.head=fc on vgg16; set it false")
+    if len(cfg.multi_grid) != 3 or any(not isinstance(r, int) or r < 1 for r in cfg.multi_grid):
+        raise UserError(f"model.multi_grid={list(cfg.multi_grid)}: needs three rates (r1, r2, r3), positive "
+                        "integers (one per unit of block4)")
     if cfg.backbone == "vgg16":
         if cfg.output_stride != 8:
             raise UserError(f"model.output_stride={cfg.output_stride}: vgg16 has a fixed output stride of 8; "
@@ -105,9 +105,6 @@ def validate(cfg, num_classes: int) -> None:
     else:
         if cfg.output_stride not in (8, 16, 32):
             raise UserError(f"model.output_stride must be 8, 16 or 32, got {cfg.output_stride}")
-        if len(cfg.multi_grid) != 3 or any(int(r) < 1 for r in cfg.multi_grid):
-            raise UserError(f"model.multi_grid must have 3 positive entries (the units of block4), "
-                            f"got {list(cfg.multi_grid)}")
         if cfg.cascade_blocks < 0:
             raise UserError(f"model.cascade_blocks must be >= 0, got {cfg.cascade_blocks}")
     if any(int(r) != r or r < 1 for r in cfg.aspp_rates):
@@ -116,16 +113,21 @@ def validate(cfg, num_classes: int) -> None:
         raise UserError(f"model.aspp_rates must list at least one rate for model.head={cfg.head}")
     if cfg.head == "fc" and (cfg.fc6_kernel < 1 or cfg.fc6_width < 1):
         raise UserError(f"model.fc6_kernel and model.fc6_width must be >= 1, got {cfg.fc6_kernel}, {cfg.fc6_width}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.aspp_dropout < 1:
+        raise UserError(f"model.dropout and model.aspp_dropout must be in [0, 1), got {cfg.dropout}, {cfg.aspp_dropout}")
     if any(s <= 0 for s in cfg.msc_scales):
         raise UserError(f"model.msc_scales must be positive, got {list(cfg.msc_scales)}")
     if cfg.aspp_channels < 1 or cfg.decoder_channels < 1 or cfg.decoder_convs < 0:
         raise UserError("model.aspp_channels and model.decoder_channels must be >= 1, model.decoder_convs >= 0")
-    if cfg.bn not in ("frozen", "finetune", "sync"):
-        raise UserError(f"model.bn={cfg.bn!r} is unknown; choose frozen, finetune or sync")
+    if cfg.bn not in BN_MODES:
+        raise UserError(f"model.bn={cfg.bn!r} is unknown; choose one of {', '.join(BN_MODES)}")
     if not 0 <= cfg.bn_momentum <= 1:
         raise UserError(f"model.bn_momentum must be in [0, 1] (PyTorch convention), got {cfg.bn_momentum}")
+
+
+def supported_output_strides(cfg) -> tuple[int, ...]:
+    """Output strides the backbone of `cfg` can be evaluated at (set_output_stride)."""
+    return (8,) if cfg.backbone == "vgg16" else (8, 16, 32)
 
 
 def build_model(model_cfg, num_classes: int) -> DeepLab:
@@ -133,8 +135,5 @@ def build_model(model_cfg, num_classes: int) -> DeepLab:
     validate(model_cfg, num_classes)
     backbone = BACKBONES[model_cfg.backbone](model_cfg)
     model = GENERATIONS[model_cfg.generation](model_cfg, backbone, num_classes)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = model_cfg.bn_momentum
     load_pretrained(model, model_cfg)
     return model

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeplab_lit.models.batchnorm import apply_batchnorm_policy, keep_frozen_layers_in_eval
+
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """Input size of one MSC scale: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100)."""
@@ -43,15 +45,11 @@ def _upsample(x: torch.Tensor, size) -> torch.Tensor:
 class DeepLab(nn.Module):
     """Any DeepLab generation; `generation` is a label, the structure comes from backbone and head.
 
-    `bn_mode="frozen"` (v2's ResNet recipe) freezes the backbone's BatchNorm layers: their affine
-    parameters get `requires_grad=False` and they stay in eval mode (running statistics) even in
-    `model.train()`. BatchNorm layers of new layers (ASPP, decoder) always train: their statistics start
-    empty. `"finetune"` and `"sync"` leave BN as is (SyncBatchNorm conversion is the Trainer's
-    `sync_batchnorm=True`).
+    BatchNorm follows `bn_mode` and `bn_momentum` as `models/batchnorm.py` states (the one place).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, generation: str, msc_scales=(),
-                 bn_mode: str = "finetune"):
+                 bn_mode: str = "finetune", bn_momentum: float = 0.1):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -59,20 +57,12 @@ class DeepLab(nn.Module):
         self.msc_scales = [float(s) for s in msc_scales]
         self.bn_mode = bn_mode
         self.init_source = "none"  # set by the pretrained loader: "imagenet:<file>" or the path
-        if bn_mode == "frozen":
-            for m in self._backbone_batchnorms():
-                for p in m.parameters():
-                    p.requires_grad_(False)
-                m.eval()
-
-    def _backbone_batchnorms(self):
-        return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        apply_batchnorm_policy(self, bn_mode, bn_momentum)
+        keep_frozen_layers_in_eval(self, bn_mode)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.bn_mode == "frozen":
-            for m in self._backbone_batchnorms():
-                m.eval()
+        keep_frozen_layers_in_eval(self, self.bn_mode)
         return self
 
     # --- output stride -------------------------------------------------------------------------

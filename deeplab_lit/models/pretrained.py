@@ -10,7 +10,7 @@
   every tensor whose name and shape match is loaded; the rest (typically the classifier when the
   number of classes differs) keeps its initialisation and is listed in a warning.
 
-VGG-16 conversion (v1 Sec. 3.1 / PAPERS.md): convolutions copied as they are; fc6 from torchvision's
+VGG-16 conversion (v1 Sec. 3.1): convolutions copied as they are; fc6 from torchvision's
 `classifier.0` (4096 x 25088) reshaped to 4096 x 512 x 7 x 7 and spatially decimated to the head's
 kernel by `decimation_indices`: 7 -> all, 4 -> [0, 2, 4, 6], 3 -> [0, 3, 6] (evenly spaced from the
 first to the last tap, so the decimated kernel spans the same extent; with the matching rates this is

@@ -7,7 +7,12 @@ dataset-level metrics (a confusion matrix accumulated over the whole validation 
 DDP ranks by torchmetrics, never averaged per batch); BatchNorm frozen, fine-tuned or synchronised.
 
 What differs per generation (subclasses in v1.py, v2.py, v3.py): where the loss is computed
-(`compute_loss`) and the defaults their experiments carry.
+(`compute_loss`).
+
+The module receives built objects, as lightning-hydra-template passes a built `net`: the network
+(`models.build_model`, which also owns the BatchNorm policy), the optimisation recipe (`OptimConfig`
+and the number of steps), the evaluation protocols and the CRF parameters. It never reads a config
+dict; what a checkpoint must carry to rebuild it is added by the training code (`checkpoints.py`).
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from deeplab_lit.config import Config, config_from_dict, to_dict
+from deeplab_lit.config import CRFConfig, OptimConfig
 from deeplab_lit.errors import UserError
-from deeplab_lit.inference import Protocol, predict_probs
-from deeplab_lit.models import build_model
+from deeplab_lit.inference import predict_probs
+from deeplab_lit.models.batchnorm import batchnorm_layers
+from deeplab_lit.protocols import MetricKey, Protocol
 
 IGNORE_INDEX = 255
 
@@ -45,41 +51,21 @@ class NonFiniteLossError(UserError):
 
 
 class SegmentationModule(L.LightningModule):
-    def __init__(self, config: dict, num_classes: int, class_names: list[str]):
+    def __init__(self, network: nn.Module, *, class_names, recipe: OptimConfig, max_steps: int,
+                 protocols=(Protocol(),), crf: CRFConfig = CRFConfig(), log_images: int = 4):
         super().__init__()
-        # The resolved experiment is the checkpoint's hyper-parameters, so `evaluate` rebuilds it.
-        self.save_hyperparameters()
-        self.cfg: Config = config_from_dict(config)
-        self.num_classes = num_classes
+        self.model = network
         self.class_names = list(class_names)
-        self.model = build_model(self.cfg.model, num_classes)
-        self.configure_batchnorm()
-        self.set_protocols([Protocol(output_stride=self.cfg.model.output_stride)])
+        self.num_classes = len(self.class_names)
+        self.recipe = recipe
+        self.max_steps = max_steps
+        self.crf = crf
+        self.log_images = log_images
+        self.set_protocols(protocols)
         self._wandb_images_logged = 0
 
-    # ---------------------------------------------------------------------------- BatchNorm
-    @property
-    def bn_frozen(self) -> bool:
-        return self.cfg.model.bn == "frozen"
-
     def batchnorm_layers(self):
-        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def configure_batchnorm(self) -> None:
-        """frozen: ImageNet statistics and affine kept (v2); finetune/sync: momentum from the config."""
-        for bn in self.batchnorm_layers():
-            if self.bn_frozen:
-                for parameter in bn.parameters():
-                    parameter.requires_grad_(False)
-            else:
-                bn.momentum = self.cfg.model.bn_momentum
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.bn_frozen:
-            for bn in self.batchnorm_layers():
-                bn.eval()  # frozen BatchNorm normalises with its running statistics, even in training
-        return self
+        return batchnorm_layers(self.model)
 
     # ---------------------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict]:
@@ -89,7 +75,7 @@ class SegmentationModule(L.LightningModule):
         lr_mult 1/2 for ImageNet layers and 10/20 for the classifier in v1/v2); biases and norm
         parameters get weight decay only if `optim.bias_weight_decay`.
         """
-        optim = self.cfg.optim
+        optim = self.recipe
         groups = []
         for origin, named in self.model.named_parameter_groups().items():
             origin_mult = optim.new_lr_mult if origin == "new" else 1.0
@@ -109,25 +95,17 @@ class SegmentationModule(L.LightningModule):
                     }
                 )
         for group in groups:
-            group["lr"] = self.cfg.optim.lr * group["lr_mult"]
+            group["lr"] = optim.lr * group["lr_mult"]
         return groups
 
     def lr_factor(self, step: int) -> float:
-        optim = self.cfg.optim
+        optim = self.recipe
         if optim.schedule == "step":
             return step_factor(step, optim.step_size, optim.step_gamma)
         return poly_factor(step, self.max_steps, optim.poly_power)
 
-    @property
-    def max_steps(self) -> int:
-        steps = self.trainer.max_steps if self._trainer is not None else self.cfg.trainer.get("max_steps", -1)
-        if not steps or steps < 0:
-            raise UserError("trainer.max_steps must be set: the poly schedule is defined by it")
-        return steps
-
     def configure_optimizers(self):
-        optim = self.cfg.optim
-        optimizer = torch.optim.SGD(self.parameter_groups(), lr=optim.lr, momentum=optim.momentum)
+        optimizer = torch.optim.SGD(self.parameter_groups(), lr=self.recipe.lr, momentum=self.recipe.momentum)
         # Stepped every iteration (interval "step"), so the learning rate decays smoothly within epochs.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
@@ -149,7 +127,7 @@ class SegmentationModule(L.LightningModule):
                 "kept); lower optim.lr or check the data"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["image"]))
-        self.log("lr-SGD", self.cfg.optim.lr * self.lr_factor(self.global_step), on_step=True, on_epoch=False)
+        self.log("lr-SGD", self.recipe.lr * self.lr_factor(self.global_step), on_step=True, on_epoch=False)
         return loss
 
     # ---------------------------------------------------------------------------- resume
@@ -181,9 +159,8 @@ class SegmentationModule(L.LightningModule):
         self.protocols = list(protocols)
         metrics = {}
         for protocol in self.protocols:
-            for crf in [False, True] if protocol.crf else [False]:
-                key = self.metric_key(protocol, crf)
-                metrics[key] = nn.ModuleDict(
+            for metric_key in protocol.metric_keys():
+                metrics[metric_key.text] = nn.ModuleDict(
                     {
                         "iou": MulticlassJaccardIndex(
                             self.num_classes, average="none", ignore_index=IGNORE_INDEX, zero_division=float("nan")
@@ -196,7 +173,7 @@ class SegmentationModule(L.LightningModule):
 
     @staticmethod
     def metric_key(protocol: Protocol, crf: bool) -> str:
-        return f"mIoU{protocol.metric_suffix}{'_crf' if crf else ''}"
+        return MetricKey(protocol.name, crf).text
 
     def on_validation_epoch_start(self) -> None:
         self._eval_started = time.time()
@@ -204,7 +181,7 @@ class SegmentationModule(L.LightningModule):
         # The reference CRF runs one image per process: on CPU, keep every core busy by refining
         # images asynchronously while the network predicts the next ones (a bounded queue).
         self._crf_pool, self._crf_pending = None, deque()
-        if any(p.crf for p in self.protocols) and self.cfg.crf.backend == "pydensecrf":
+        if any(p.crf for p in self.protocols) and self.crf.backend == "pydensecrf":
             from deeplab_lit.crf import ReferenceCRFPool
 
             self._crf_pool = ReferenceCRFPool()
@@ -225,11 +202,11 @@ class SegmentationModule(L.LightningModule):
     def apply_crf(self, probs: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
         from deeplab_lit.crf import dense_crf
 
-        return dense_crf(probs, rgb, params=self.cfg.crf, backend=self.cfg.crf.backend)
+        return dense_crf(probs, rgb, params=self.crf, backend=self.crf.backend)
 
     def _submit_crf(self, key: str, probs: torch.Tensor, rgb: torch.Tensor, masks: torch.Tensor) -> None:
         for prob, image, mask in zip(probs.float().cpu().numpy(), rgb.cpu().numpy(), masks.cpu()):
-            self._crf_pending.append((key, self._crf_pool.submit(prob, image, self.cfg.crf), mask))
+            self._crf_pending.append((key, self._crf_pool.submit(prob, image, self.crf), mask))
         while len(self._crf_pending) > 2 * self._crf_pool.workers:
             self._collect_crf()
 
@@ -260,9 +237,9 @@ class SegmentationModule(L.LightningModule):
             metric["iou"].reset()
             metric["acc"].reset()
             miou = mean_iou(per_class)
-            self.log(f"val/{key}", miou, sync_dist=False)
-            suffix = key[len("mIoU") :]
-            self.log(f"val/pixel_acc{suffix}", accuracy, sync_dist=False)
+            metric_key = MetricKey.parse(key)
+            self.log(metric_key.logged("mIoU"), miou, sync_dist=False)
+            self.log(metric_key.logged("pixel_acc"), accuracy, sync_dist=False)
             if key == "mIoU":
                 for name, value in zip(self.class_names, per_class.tolist()):
                     self.log(f"val/iou/{name}", value, sync_dist=False)
@@ -276,7 +253,7 @@ class SegmentationModule(L.LightningModule):
         """A few validation images with predicted and true masks, when a W&B logger is attached."""
         from lightning.pytorch.loggers import WandbLogger
 
-        limit = self.cfg.wandb.log_images
+        limit = self.log_images
         logger = next((lg for lg in self.loggers if isinstance(lg, WandbLogger)), None)
         if logger is None or self._wandb_images_logged >= limit or self.global_rank != 0 or "rgb" not in batch:
             return
@@ -300,9 +277,6 @@ class SegmentationModule(L.LightningModule):
             self._wandb_images_logged += 1
         if images:
             logger.experiment.log({"val/predictions": images}, commit=False)
-
-    def config_dict(self) -> dict:
-        return to_dict(self.cfg)
 
 
 def _numpy_state_to_plain(state) -> tuple:

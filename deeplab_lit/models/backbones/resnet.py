@@ -37,6 +37,7 @@ from torchvision.models.resnet import Bottleneck
 
 from deeplab_lit.errors import UserError
 
+
 RESNET_BUILDERS = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
 STEM_STRIDE = 4  # conv1 (stride 2) + maxpool (stride 2)
 
@@ -74,8 +75,6 @@ class ResNetBackbone(nn.Module):
     def __init__(self, depth: int = 101, *, output_stride: int = 16,
                  multi_grid: tuple[int, int, int] = (1, 1, 1), cascade_blocks: int = 0):
         super().__init__()
-        if len(multi_grid) != 3:
-            raise UserError(f"model.multi_grid must have 3 entries (one per unit of block4), got {list(multi_grid)}")
         net = RESNET_BUILDERS[depth](weights=None)
         self.depth = depth
         self.multi_grid = tuple(int(r) for r in multi_grid)

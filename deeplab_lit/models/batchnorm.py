@@ -1,0 +1,41 @@
+"""The BatchNorm policy of a DeepLab network, in one place (`model.bn`, `model.bn_momentum`).
+
+- `finetune` (v3, v3+; TF DeepLab's `fine_tune_batch_norm=True`): every BatchNorm layer, in the
+  backbone and in the new layers (ASPP, decoder), normalises with batch statistics in training,
+  updates its running statistics with momentum `bn_momentum` (PyTorch convention: TF decay 0.9997 =
+  momentum 0.0003) and trains its scale and shift.
+- `sync`: as `finetune`, with statistics over all processes (the Trainer converts the layers to
+  SyncBatchNorm).
+- `frozen` (v2's ResNet-101, Caffe `use_global_stats: true` with the Scale layers' lr_mult 0): every
+  BatchNorm layer normalises with its running statistics, in training too, never updates them, and its
+  scale and shift are not trained. (v2's ResNet heads have no BatchNorm; in a network whose new layers
+  have BatchNorm, those layers keep their initial statistics and affine, i.e. they are identities.)
+
+`DeepLab` applies the policy when it is built and again in every `train()` call, so nothing else
+(LightningModule, inference, evaluation) touches BatchNorm.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+BN_MODES = ("frozen", "finetune", "sync")
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def apply_batchnorm_policy(network: nn.Module, mode: str, momentum: float) -> None:
+    """Set momentum and trainability of every BatchNorm layer once, at construction."""
+    for bn in batchnorm_layers(network):
+        bn.momentum = momentum
+        if mode == "frozen":
+            for parameter in bn.parameters():
+                parameter.requires_grad_(False)
+
+
+def keep_frozen_layers_in_eval(network: nn.Module, mode: str) -> None:
+    """After `network.train()`: frozen BatchNorm layers normalise with their running statistics."""
+    if mode == "frozen":
+        for bn in batchnorm_layers(network):
+            bn.eval()
