@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from deeplab_lit.errors import UserError
-from datamodules.readers import check_mask_values, read_image, read_index_png
+from datamodules.loaders import PADDING_INDEX
+from datamodules.readers import IGNORE_INDEX, check_mask_values, read_image, read_index_png
 
 
 class Sample(NamedTuple):
@@ -70,16 +71,20 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def __getitem__(self, key) -> dict:
-        """`key` is an index, or (index, augmentation seed) from the training sampler."""
+        """`key` is an index, (index, augmentation seed) from the training sampler, or the evaluation
+        sampler's PADDING_INDEX (the first image with every label ignored)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
             self.seed(seed)
-        image, mask = self.load(index)
+        padding = index == PADDING_INDEX
+        image, mask = self.load(0 if padding else index)
+        if padding:
+            mask = np.full_like(mask, IGNORE_INDEX)
         out = self.transform(image=image, mask=mask)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
             "mask": torch.from_numpy(out["mask"].astype(np.int64)),
-            "name": self.samples[index].name,
+            "name": "" if padding else self.samples[index].name,
         }
         if self.with_rgb:
             item["rgb"] = torch.from_numpy(image)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import signal
 from typing import Iterator
 
 import cv2
@@ -35,6 +36,12 @@ def distributed_rank() -> tuple[int, int]:
     return 1, 0
 
 
+# The index an evaluation rank without images of its own receives: the dataset returns its first image
+# with every label ignored (255), so the rank takes part in the collective steps (metric gathering)
+# and contributes nothing to any metric.
+PADDING_INDEX = -1
+
+
 class ShardSampler(Sampler[int]):
     """Rank r of n takes indices r, r + n, r + 2n, ...: disjoint shards that together cover the
     dataset exactly once (no padding duplicates, unlike DistributedSampler); lengths differ by <= 1."""
@@ -49,6 +56,12 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, math.ceil((self.length - self.rank) / self.num_replicas))
+
+
+def eval_sampler(length: int, num_replicas: int = 1, rank: int = 0):
+    """The rank's shard; a rank left without images (more ranks than images) evaluates PADDING_INDEX."""
+    shard = ShardSampler(length, num_replicas, rank)
+    return shard if len(shard) or not length else [PADDING_INDEX]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -129,9 +142,14 @@ def tune_malloc() -> bool:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader worker set-up: malloc thresholds, single-threaded OpenCV (workers are the
-    parallelism; OpenCV's own thread pool would oversubscribe the cores), and an augmentation seed
-    derived from torch's per-worker seed (the loader's seeded generator + worker id)."""
+    """DataLoader worker set-up: SIGTERM left to the main process, malloc thresholds, single-threaded
+    OpenCV (workers are the parallelism; OpenCV's own thread pool would oversubscribe the cores), and an
+    augmentation seed derived from torch's per-worker seed (the loader's seeded generator + worker id).
+
+    Schedulers (SLURM, Kubernetes) send SIGTERM to the whole process group. A worker that died of it
+    would make the main process fail with "DataLoader worker killed" before it could save a checkpoint;
+    ignoring it here lets the main process save and exit, which ends the workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tune_malloc()
     cv2.setNumThreads(0)
     info = get_worker_info()

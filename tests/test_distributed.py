@@ -25,18 +25,26 @@ def odd_split(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_process_ddp_evaluation_equals_single_process(tmp_path, odd_split):
+    """On the 7-image split; and on a 1-image split, where the rank without an image evaluates a fully
+    ignored one and contributes nothing."""
+    one = tmp_path / "one_image"
+    shutil.copytree(odd_split, one)
+    lists = one / "ImageSets" / "Segmentation"
+    (lists / "val.txt").write_text((lists / "val.txt").read_text().split()[0] + "\n")
     checkpoint = run_fit(tmp_path, "v3", "model.backbone=resnet50", wandb_mode="disabled") / "checkpoints" / "last.ckpt"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
-    common = [sys.executable, "-m", "deeplab_lit.evaluate", "--checkpoint", str(checkpoint),
-              f"--data.root={odd_split}", "--trainer.accelerator=cpu"]
     reports = {}
-    for devices, extra in [(1, []), (2, ["--trainer.strategy=ddp"])]:
-        out = tmp_path / f"eval{devices}.json"
-        result = subprocess.run([*common, f"--trainer.devices={devices}", *extra, "--json", str(out)],
-                                capture_output=True, text=True, env=env, timeout=900)
+    for root, devices, extra in [(odd_split, 1, []), (odd_split, 2, ["--trainer.strategy=ddp"]), (one, 1, []),
+                                 (one, 2, ["--trainer.strategy=ddp"])]:
+        out = tmp_path / f"eval-{root.name}-{devices}.json"
+        result = subprocess.run([sys.executable, "-m", "deeplab_lit.evaluate", "--checkpoint", str(checkpoint),
+                                 f"--data.root={root}", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+                                 *extra, "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-        reports[devices] = json.loads(out.read_text())
-    single, double = reports[1]["results"]["mIoU"], reports[2]["results"]["mIoU"]
-    assert double["mIoU"] == single["mIoU"]
-    assert double["pixel_acc"] == single["pixel_acc"]
-    assert double["per_class_iou"] == single["per_class_iou"]
+        reports[root.name, devices] = json.loads(out.read_text())["results"]["mIoU"]
+    for name in (odd_split.name, one.name):
+        single, double = reports[name, 1], reports[name, 2]
+        assert double["mIoU"] == single["mIoU"]
+        assert double["pixel_acc"] == single["pixel_acc"]
+        assert double["per_class_iou"] == single["per_class_iou"]
+

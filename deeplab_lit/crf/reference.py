@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from typing import Any, Iterable, Iterator
 
@@ -39,6 +40,11 @@ def refine_image(probs: np.ndarray, image: np.ndarray, params: CRFParams) -> np.
                              rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=float(params.bi_w))
     refined = np.asarray(crf.inference(int(params.iterations)), dtype=np.float32)
     return refined.reshape(classes, height, width)
+
+
+def _leave_sigterm_to_the_parent() -> None:
+    """Pool workers ignore SIGTERM sent to the process group: the parent saves its state and ends them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _refine_job(job: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
@@ -69,7 +75,7 @@ class ReferenceCRFPool:
         self._pool = None
         if self.workers > 1:
             context = multiprocessing.get_context(mp_context or _default_context())
-            self._pool = context.Pool(self.workers)
+            self._pool = context.Pool(self.workers, initializer=_leave_sigterm_to_the_parent)
 
     def __enter__(self) -> "ReferenceCRFPool":
         return self
