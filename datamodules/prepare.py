@@ -9,7 +9,8 @@ cityscapes  checks a tree the user downloaded (the site needs a login) and says 
 synthetic   writes the embedded synthetic dataset.
 
 A root that already holds the extracted trees (VOCdevkit/VOC2012/..., benchmark_RELEASE/dataset/...)
-is used as it is: nothing is downloaded. Mistakes end with one line on stderr and exit code 2.
+is used as it is: nothing is downloaded. --url takes http://, https:// or file:///path (a local
+mirror, copied). Mistakes end with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=["voc", "sbd", "cityscapes", "synthetic"])
     parser.add_argument("--root", type=Path, help="dataset root (default: data/voc, data/cityscapes, "
                         "or the cache directory for synthetic)")  # fmt: skip
-    parser.add_argument("--url", help="voc/sbd: download from this mirror instead of the official URL")
+    parser.add_argument("--url", help="voc/sbd: download from this mirror instead of the official URL "
+                        "(http://, https:// or file:///absolute/path)")  # fmt: skip
     parser.add_argument("--md5", help="voc/sbd: the md5 the archive at --url must have (default: the official one)")
     parser.add_argument("--keep-archive", action="store_true", help="voc/sbd: keep the archive after extraction")
     args = parser.parse_args(argv)
