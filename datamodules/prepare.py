@@ -10,7 +10,8 @@ synthetic   writes the embedded synthetic dataset.
 
 A root that already holds the extracted trees (VOCdevkit/VOC2012/..., benchmark_RELEASE/dataset/...)
 is used as it is: nothing is downloaded. --url takes http://, https:// or file:///path (a local
-mirror, copied). Mistakes end with one line on stderr and exit code 2.
+mirror, copied); archives are extracted safely (nothing outside the root, no links out, no device
+files, no setuid bits; see datamodules/download.py). Mistakes end with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
