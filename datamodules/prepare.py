@@ -31,7 +31,11 @@ from datamodules.readers import check_mask_values, valid_value_table, write_inde
 from datamodules.synthetic import default_synthetic_root, ensure_synthetic
 from datamodules.voc import read_ids, split_file, voc_dir, voc_samples, write_ids
 
-VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+# https, on the archive's new home: the Oxford sysadmin's pytorch/vision PR #9216 names
+# thor.robots.ox.ac.uk the long-term address (the old http://host.robots.ox.ac.uk was offline for
+# months and now redirects there), and torchvision 0.29's voc.py downloads this URL with this md5.
+# The md5 check, not the transport, is what guarantees the archive is the official one.
+VOC_URL = "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 SBD_URL = "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
 SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"

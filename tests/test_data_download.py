@@ -15,7 +15,7 @@ import pytest
 from deeplab_lit.errors import UserError
 from datamodules.download import download
 from datamodules.prepare import main as prepare_main
-from datamodules.prepare import prepare_sbd, prepare_voc
+from datamodules.prepare import SBD_URL, VOC_URL, prepare_sbd, prepare_voc
 from test_data_trees import write_sbd_tree, write_voc_tree
 
 VOC_TRAIN, VOC_VAL = ["2007_000032", "2007_000039"], ["2007_000033"]
@@ -258,3 +258,7 @@ def test_a_bare_local_path_is_refused_with_its_file_url(tmp_path, capsys, monkey
         f"file:///absolute/path (for this local file: {(mirror / 'VOCtrainval_11-May-2012.tar').as_uri()})\n"
     )
     assert not root.exists()
+
+
+def test_official_urls_use_https():
+    assert [url.split("://")[0] for url in (VOC_URL, SBD_URL)] == ["https", "https"]
