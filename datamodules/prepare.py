@@ -9,7 +9,9 @@ cityscapes  checks a tree the user downloaded (the site needs a login) and says 
 synthetic   writes the embedded synthetic dataset.
 
 A root that already holds the extracted trees (VOCdevkit/VOC2012/..., benchmark_RELEASE/dataset/...)
-is used as it is: nothing is downloaded. Mistakes end with one line on stderr and exit code 2.
+is used as it is: nothing is downloaded. --url takes http://, https:// or file:///path (a local
+mirror, copied); archives are extracted safely (nothing outside the root, no links out, no device
+files, no setuid bits; see datamodules/download.py). Mistakes end with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -29,7 +31,11 @@ from datamodules.readers import check_mask_values, valid_value_table, write_inde
 from datamodules.synthetic import default_synthetic_root, ensure_synthetic
 from datamodules.voc import read_ids, split_file, voc_dir, voc_samples, write_ids
 
-VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+# https, on the archive's new home: the Oxford sysadmin's pytorch/vision PR #9216 names
+# thor.robots.ox.ac.uk the long-term address (the old http://host.robots.ox.ac.uk was offline for
+# months and now redirects there), and torchvision 0.29's voc.py downloads this URL with this md5.
+# The md5 check, not the transport, is what guarantees the archive is the official one.
+VOC_URL = "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 SBD_URL = "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
 SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=["voc", "sbd", "cityscapes", "synthetic"])
     parser.add_argument("--root", type=Path, help="dataset root (default: data/voc, data/cityscapes, "
                         "or the cache directory for synthetic)")  # fmt: skip
-    parser.add_argument("--url", help="voc/sbd: download from this mirror instead of the official URL")
+    parser.add_argument("--url", help="voc/sbd: download from this mirror instead of the official URL "
+                        "(http://, https:// or file:///absolute/path)")  # fmt: skip
     parser.add_argument("--md5", help="voc/sbd: the md5 the archive at --url must have (default: the official one)")
     parser.add_argument("--keep-archive", action="store_true", help="voc/sbd: keep the archive after extraction")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import pytest
 from deeplab_lit.errors import UserError
 from datamodules.download import download
 from datamodules.prepare import main as prepare_main
-from datamodules.prepare import prepare_sbd, prepare_voc
+from datamodules.prepare import SBD_URL, VOC_URL, prepare_sbd, prepare_voc
 from test_data_trees import write_sbd_tree, write_voc_tree
 
 VOC_TRAIN, VOC_VAL = ["2007_000032", "2007_000039"], ["2007_000033"]
@@ -176,3 +176,89 @@ def test_archive_without_the_expected_tree(tmp_path, server):
     with pytest.raises(UserError, match=r"benchmark.tgz does not contain benchmark_RELEASE/; is it the right archive"):
         prepare_sbd(root, url=f"{url}/benchmark.tgz", md5=md5)
     assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "benchmark.tgz"]  # no half tree
+
+
+def test_file_url_is_a_local_mirror(tmp_path, capsys):
+    """--url file:///... copies the archive (the mirror keeps it), checks the md5 and extracts."""
+    mirror = tmp_path / "local mirror"  # a space: the URL is percent-encoded
+    mirror.mkdir()
+    md5 = make_archives(tmp_path, mirror)
+    source = mirror / "VOCtrainval_11-May-2012.tar"
+    root = tmp_path / "root"
+    url = source.as_uri()
+    assert "%20" in url
+    assert prepare_main(["voc", "--root", str(root), "--url", url, "--md5", md5["VOCtrainval_11-May-2012.tar"]]) == 0
+    out = capsys.readouterr().out
+    assert f"copying {source} -> {root / 'VOCtrainval_11-May-2012.tar'}" in out
+    assert "train 2 (official: 1,464), val 1 (official: 1,449)" in out
+    assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit"]  # the copy is deleted after extraction
+    assert hashlib.md5(source.read_bytes()).hexdigest() == md5["VOCtrainval_11-May-2012.tar"]  # the mirror is intact
+    # file://localhost/... names the same file.
+    target = tmp_path / "dl" / "benchmark.tgz"
+    localhost_url = "file://localhost" + str(mirror / "benchmark.tgz").replace(" ", "%20")
+    download(localhost_url, target, md5["benchmark.tgz"], log=lambda *_: None)
+    assert target.read_bytes() == (mirror / "benchmark.tgz").read_bytes()
+
+
+def test_file_url_with_the_wrong_md5_deletes_only_the_copy(tmp_path, capsys):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    make_archives(tmp_path, mirror)
+    source = mirror / "VOCtrainval_11-May-2012.tar"
+    before = source.read_bytes()
+    root = tmp_path / "root"
+    wrong = "0" * 32
+    assert prepare_main(["voc", "--root", str(root), "--url", source.as_uri(), "--md5", wrong]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"error: {re.escape(source.as_uri())} has md5 [0-9a-f]{{32}}, expected {wrong}: the archive is corrupt or "
+        r"not the official one, so its copy was deleted; run again or check the URL\n", err
+    )  # fmt: skip
+    assert list(root.iterdir()) == []
+    assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("url, message", [
+    ("file:///MISSING/VOCtrainval_11-May-2012.tar",
+     "the local archive /MISSING/VOCtrainval_11-May-2012.tar (from file:///MISSING/VOCtrainval_11-May-2012.tar) "
+     "does not exist or is not a file; check --url"),
+    ("file://mirror.example.org/VOCtrainval_11-May-2012.tar",
+     "file://mirror.example.org/VOCtrainval_11-May-2012.tar is not a local file URL; "
+     "write file:///absolute/path/to/the/archive"),
+    ("ftp://mirror.example.org/VOCtrainval_11-May-2012.tar",
+     "the URL ftp://mirror.example.org/VOCtrainval_11-May-2012.tar has the unsupported scheme ftp:; "
+     "use http://, https:// or file:///absolute/path"),
+    ("s3://bucket/VOCtrainval_11-May-2012.tar",
+     "the URL s3://bucket/VOCtrainval_11-May-2012.tar has the unsupported scheme s3:; "
+     "use http://, https:// or file:///absolute/path"),
+    ("host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+     "the URL host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar has no scheme; "
+     "use http://, https:// or file:///absolute/path"),
+])  # fmt: skip
+def test_unsupported_urls_are_one_line_and_touch_nothing(tmp_path, capsys, url, message):
+    url = url.replace("/MISSING", str(tmp_path / "missing"))
+    message = message.replace("/MISSING", str(tmp_path / "missing"))
+    root = tmp_path / "root"
+    assert prepare_main(["voc", "--root", str(root), "--url", url, "--md5", "0" * 32]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not root.exists()
+
+
+def test_a_bare_local_path_is_refused_with_its_file_url(tmp_path, capsys, monkeypatch):
+    """A bare path is not guessed to be a file (a URL missing its https:// must not become a file
+    lookup), but when it names an existing file the error spells out the file:// URL to use."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    make_archives(tmp_path, mirror)
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    assert prepare_main(["voc", "--root", str(root), "--url", "mirror/VOCtrainval_11-May-2012.tar"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the URL mirror/VOCtrainval_11-May-2012.tar has no scheme; use http://, https:// or "
+        f"file:///absolute/path (for this local file: {(mirror / 'VOCtrainval_11-May-2012.tar').as_uri()})\n"
+    )
+    assert not root.exists()
+
+
+def test_official_urls_use_https():
+    assert [url.split("://")[0] for url in (VOC_URL, SBD_URL)] == ["https", "https"]
