@@ -40,6 +40,8 @@ def validate_data_config(cfg) -> None:
     low_high = list(cfg.scale_range)
     if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
         raise UserError(f"data.scale_range={low_high}: needs [lo, hi] with 0 < lo <= hi")
+    if cfg.scale_step < 0:
+        raise UserError(f"data.scale_step={cfg.scale_step} must be 0 (continuous scales) or a positive step")
 
 
 __all__ = ["DATAMODULES", "SegmentationDataModule", "build_datamodule", "validate_data_config"]

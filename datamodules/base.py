@@ -80,6 +80,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 scale_range=tuple(self.cfg.scale_range),
                 flip=self.cfg.flip,
                 seed=self.seed,
+                scale_step=self.cfg.scale_step,
             )
         else:
             transform = eval_transform()

@@ -5,6 +5,11 @@ resized. Images arrive normalised, so padding with 0 is padding with the dataset
 
 - whole: pad right and bottom to a multiple of what the network needs (its output stride, and for
   the v2 MSC pyramid a multiple that every scale keeps aligned), predict, crop the logits back.
+- canvas (`eval.canvas`): first pad the image right and bottom to at least [height, width] with the
+  mean colour, as TF DeepLab's evaluation (`eval_crop_size` 513 on VOC, 1025 x 2049 on Cityscapes)
+  and the Caffe test prototxts (crop 513) do; the network then sees exactly that canvas (image
+  pooling averages over it, padding included), scales resize the whole canvas, and the probabilities
+  are cropped back to the image at the end.
 - slide: windows of `slide_crop` every `slide_stride` pixels (the last window flush with the border),
   each predicted whole, logits averaged where windows overlap (Cityscapes, v2 Table 9).
 - scales / flip: the softmax probabilities of every scale (image resized bilinearly) and of its
@@ -48,10 +53,17 @@ def evaluation_output_stride(model, output_stride: Optional[int]):
             model.set_output_stride(original)
 
 
-def predict_logits_whole(model, images: torch.Tensor) -> torch.Tensor:
-    """Logits at the input size: pad with the mean colour (0 after normalisation), predict, crop."""
+def pad_bottom_right(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad with 0 (the mean colour after normalisation) to at least height x width."""
+    pad_h, pad_w = max(0, height - images.shape[-2]), max(0, width - images.shape[-1])
+    return F.pad(images, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else images
+
+
+def predict_logits_whole(model, images: torch.Tensor, align: bool = True) -> torch.Tensor:
+    """Logits at the input size: pad with the mean colour (0 after normalisation) to the alignment the
+    network wants (unless `align` is False: a canvas is evaluated as it is), predict, crop."""
     height, width = images.shape[-2:]
-    multiple = pad_multiple(model)
+    multiple = pad_multiple(model) if align else 1
     pad_h = (multiple - height % multiple) % multiple
     pad_w = (multiple - width % multiple) % multiple
     padded = F.pad(images, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else images
@@ -83,7 +95,10 @@ def predict_logits_slide(model, images: torch.Tensor, crop: int, stride: int) ->
 
 
 def predict_probs(model, images: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """Softmax probabilities N x C x H x W under `protocol` (scales, flip, whole or slide)."""
+    """Softmax probabilities N x C x H x W under `protocol` (canvas, scales, flip, whole or slide)."""
+    original = images.shape[-2:]
+    if protocol.canvas:
+        images = pad_bottom_right(images, *protocol.canvas)
     height, width = images.shape[-2:]
     with evaluation_output_stride(model, protocol.output_stride):
         probs_sum = None
@@ -98,7 +113,7 @@ def predict_probs(model, images: torch.Tensor, protocol: Protocol) -> torch.Tens
                 if protocol.mode == "slide":
                     logits = predict_logits_slide(model, inputs, protocol.slide_crop, protocol.slide_stride)
                 else:
-                    logits = predict_logits_whole(model, inputs)
+                    logits = predict_logits_whole(model, inputs, align=not protocol.canvas)
                 if flipped:
                     logits = logits.flip(-1)
                 if logits.shape[-2:] != (height, width):
@@ -106,4 +121,5 @@ def predict_probs(model, images: torch.Tensor, protocol: Protocol) -> torch.Tens
                 probs = logits.float().softmax(dim=1)
                 probs_sum = probs if probs_sum is None else probs_sum + probs
                 count += 1
-    return probs_sum / count if count > 1 else probs_sum
+    probs = probs_sum / count if count > 1 else probs_sum
+    return probs[..., : original[0], : original[1]]

@@ -67,6 +67,7 @@ class Protocol:
     mode: str = "whole"  # whole | slide
     slide_crop: int = 769
     slide_stride: int = 513
+    canvas: tuple[int, ...] = ()  # (height, width) the image is padded to at least; () = none
     crf: bool = False
 
     def metric_keys(self) -> list[MetricKey]:
@@ -80,6 +81,7 @@ class Protocol:
             "flip": self.flip,
             "mode": self.mode,
             **({"slide_crop": self.slide_crop, "slide_stride": self.slide_stride} if self.mode == "slide" else {}),
+            **({"canvas": list(self.canvas)} if self.canvas else {}),
             "crf": self.crf if crf is None else crf,
         }
 

@@ -9,7 +9,7 @@ import dataclasses
 from deeplab_lit.config import DatasetInfo, resolve_experiment
 from deeplab_lit.modules import MODULES, build_module
 from deeplab_lit.modules.base import poly_factor, step_factor
-from deeplab_lit.modules.v1 import downsample_labels
+from deeplab_lit.modules.losses import downsample_labels
 
 CLASSES = [f"c{i}" for i in range(5)]
 
@@ -94,7 +94,8 @@ def test_v2_msc_loss_has_one_term_per_scale_plus_fused():
     terms = module.loss_terms(outputs, masks)
     assert len(terms) == 4  # fused + scales 1, 0.75, 0.5
     maps = [outputs["logits"], *outputs["scale_logits"]]
-    assert [tuple(m.shape[-2:]) for m in maps] == [(9, 9), (9, 9), (6, 6), (4, 4)]
+    # Caffe's Interp sizes for the 65 input: 0.75 -> ((65 - 1) // 4) * 3 + 1 = 49, 0.5 -> 33; logits ceil(n / 8)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(9, 9), (9, 9), (7, 7), (5, 5)]
     for term, logits in zip(terms, maps):
         size = logits.shape[-2:]
         target = downsample_labels(masks, size)

@@ -35,7 +35,7 @@ from deeplab_lit.config.schema import (
 from deeplab_lit.errors import UserError
 from deeplab_lit.protocols import Protocol, check_protocol_name
 
-OUTPUT_STRIDES = (8, 16, 32)
+OUTPUT_STRIDES = (8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,30 @@ class RunSpec:
             bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             defaults["precision"] = "bf16-mixed" if bf16 else "32-true"
         return {**defaults, **self.config.trainer}
+
+    def base_run_dir(self) -> Optional[Path]:
+        """For `model.pretrained: run:<experiment>`: that experiment's default run directory, same seed."""
+        base = run_reference(self.config.model.pretrained)
+        if base is None:
+            return None
+        overrides = [f"seed={self.config.seed}", f"output_dir={self.config.output_dir}"]
+        return resolve_experiment(base, overrides).default_run_dir()
+
+    def model_for_training(self):
+        """The model config `build_model` trains from: `run:<experiment>` becomes that finished run's
+        final weights (one line names the command that makes them when they are missing)."""
+        base_dir = self.base_run_dir()
+        if base_dir is None:
+            return self.config.model
+        base = run_reference(self.config.model.pretrained)
+        checkpoints = base_dir / "checkpoints"
+        weights = next((p for p in (checkpoints / "model.pt", checkpoints / "last.ckpt") if p.is_file()), None)
+        if weights is None or not (checkpoints / "summary.json").is_file():
+            raise UserError(
+                f"model.pretrained=run:{base}: no finished run of {base} (seed {self.config.seed}) in {base_dir}; "
+                f"train it first: python -m deeplab_lit.fit --experiment {base} --seed={self.config.seed}"
+                + (f" --output_dir={self.config.output_dir}" if self.config.output_dir != "runs" else ""))
+        return dataclasses.replace(self.config.model, pretrained=str(weights))
 
     def with_overrides(self, overrides: Iterable[str], allowed_roles=(EVALUATION, INFRASTRUCTURE)) -> "RunSpec":
         """This run with evaluation-time overrides (evaluate, predict): keys that would change the trained
@@ -231,8 +255,13 @@ def validate(config: Config) -> Config:
         raise UserError("the config has no name; set name: ... in the file")
     _check_int("seed", config.seed, low=0, high=2**32 - 1)
     validate_data_config(config.data)
-    validate_model(config.model, dataset_info(config).num_classes)
+    base = run_reference(config.model.pretrained)
+    if base is not None and base not in compose.experiment_names():
+        raise UserError(f"model.pretrained=run:{base}: no experiment {base!r}; `fit --list` lists them")
+    validate_model(dataclasses.replace(config.model, pretrained="none") if base else config.model,
+                   dataset_info(config).num_classes)
     _validate_optim(config)
+    _validate_crf_search(config)
     build_protocols(config)
     _validate_trainer(config.trainer)
     return config
@@ -256,6 +285,13 @@ def _check_number(key: str, value: Any, *, positive: bool = False, low: float = 
         raise UserError(f"{key}={value!r} must be {rule}")
 
 
+def _validate_crf_search(config: Config) -> None:
+    # The search picks the CRF that the run reports, so it only runs (and is only checked) with the CRF on:
+    # `crf.enabled=false` on a searched row is the row without CRF, not a mistake.
+    if config.crf.enabled and config.crf.search:
+        _check_int("crf.search_images", config.crf.search_images, low=1)
+
+
 def _validate_optim(config: Config) -> None:
     optim = config.optim
     _check_number("optim.lr", optim.lr, positive=True)
@@ -272,7 +308,8 @@ def build_protocols(config: Config) -> tuple[Protocol, ...]:
     """The main protocol (`eval.*`, `crf.enabled`) followed by `eval.protocols`, each validated."""
     main = Protocol(name="", output_stride=config.eval.output_stride or config.model.output_stride,
                     scales=tuple(float(s) for s in config.eval.scales), flip=config.eval.flip, mode=config.eval.mode,
-                    slide_crop=config.eval.slide_crop, slide_stride=config.eval.slide_stride, crf=config.crf.enabled)
+                    slide_crop=config.eval.slide_crop, slide_stride=config.eval.slide_stride,
+                    canvas=tuple(int(c) for c in config.eval.canvas), crf=config.crf.enabled)
     protocols = [_checked_protocol(main, "eval", config)]
     for index, entry in enumerate(config.eval.protocols):
         where = f"eval.protocols[{index}]"
@@ -284,6 +321,8 @@ def build_protocols(config: Config) -> tuple[Protocol, ...]:
         given = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if getattr(entry, f.name) is not None}
         if "scales" in given:
             given["scales"] = tuple(float(s) for s in given["scales"])
+        if "canvas" in given:
+            given["canvas"] = tuple(int(c) for c in given["canvas"])
         protocols.append(_checked_protocol(dataclasses.replace(main, crf=False, **given), where, config))
     return tuple(protocols)
 
@@ -292,7 +331,8 @@ def _checked_protocol(protocol: Protocol, where: str, config: Config) -> Protoco
     from deeplab_lit.models import supported_output_strides
 
     if protocol.output_stride not in OUTPUT_STRIDES:
-        raise UserError(f"{where}.output_stride={protocol.output_stride} is not valid; choose one of 8, 16, 32")
+        raise UserError(f"{where}.output_stride={protocol.output_stride} is not valid; choose one of 8, 16, 32 (64, "
+                        "128, 256 with cascaded blocks)")
     supported = supported_output_strides(config.model)
     if protocol.output_stride not in supported:
         raise UserError(f"{where}.output_stride={protocol.output_stride}: model.backbone={config.model.backbone} "
@@ -302,6 +342,8 @@ def _checked_protocol(protocol: Protocol, where: str, config: Config) -> Protoco
     if protocol.mode == "slide":
         _check_int(f"{where}.slide_crop", protocol.slide_crop, low=1)
         _check_int(f"{where}.slide_stride", protocol.slide_stride, low=1)
+    if protocol.canvas and (len(protocol.canvas) != 2 or min(protocol.canvas) < 1):
+        raise UserError(f"{where}.canvas={list(protocol.canvas)}: give [height, width] in pixels, or [] for none")
     return protocol
 
 
@@ -355,6 +397,14 @@ def _validate_trainer(trainer) -> None:
             value = trainer[name]
             if not ((_is_int(value) and value >= 0) or (isinstance(value, float) and 0 <= value <= 1)):
                 raise UserError(f"trainer.{name}={value!r} must be a number of batches >= 0 or a fraction in [0, 1]")
+
+
+RUN_PREFIX = "run:"
+
+
+def run_reference(pretrained: str) -> Optional[str]:
+    """The experiment named by `model.pretrained: run:<experiment>`, else None."""
+    return pretrained[len(RUN_PREFIX):] if pretrained.startswith(RUN_PREFIX) else None
 
 
 def dataset_info(config: Config) -> DatasetInfo:

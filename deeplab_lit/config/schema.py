@@ -63,7 +63,8 @@ class ModelConfig(Section):
 
     generation: str = key("v3", "DeepLab generation (its head layout and loss)", choices="models.GENERATIONS")
     backbone: str = key("resnet101", "feature extractor", choices="models.BACKBONES")
-    output_stride: Literal[8, 16, 32] = key(16, "training output stride of the backbone (atrous beyond it)")
+    output_stride: Literal[8, 16, 32, 64, 128, 256] = key(16, "training output stride of the backbone (atrous beyond "
+                                                                "it; 64-256 need cascaded blocks, v3 Table 1)")
     multi_grid: tuple[int, ...] = key((1, 1, 1), "multi-grid (r1, r2, r3): unit rates of block4 and cascaded blocks")
     cascade_blocks: int = key(0, "copies of block4 appended as block5.. (v3 Tables 1-3); 0 = none")
     head: str = key("aspp", "classifier on the backbone", choices="models.HEADS")
@@ -73,17 +74,28 @@ class ModelConfig(Section):
     aspp_channels: int = key(256, "channels of each v3 ASPP branch and of its projection")
     aspp_dropout: float = key(0.1, "dropout after the v3 ASPP projection (TF DeepLab's 0.1; the paper is silent)")
     image_pooling: bool = key(True, "v3 ASPP image-level pooling branch")
+    pool5_avg: bool = key(False, "3x3 average pooling between pool5 and fc6 (pool5a of the LargeFOV prototxts)")
     fc6_kernel: int = key(3, "VGG fc6 kernel size (v1 field of view)")
     fc6_width: int = key(1024, "VGG fc6/fc7 filters (4096, or 1024 for LargeFOV)")
     dropout: float = key(0.5, "dropout after VGG fc6 and fc7")
     msc_features: bool = key(False, "v1 MSc: MLPs on the input and pool1..pool4 concatenated before fc8")
+    msc_dropout: float = key(0.5, "v1 MSc: dropout after each MLP ReLU (the released MSc prototxt)")
     msc_scales: tuple[float, ...] = key((), "v2 MSC input pyramid, e.g. [1.0, 0.75, 0.5]; empty = off")
-    decoder_channels: int = key(48, "v3+ decoder: 1x1 projection width of the stride-4 feature")
-    decoder_convs: int = key(2, "v3+ decoder: number of 3x3 convs of 256 channels")
-    pretrained: str = key("none", "initialisation: imagenet (torchvision's file in the hub cache), none, or a PATH "
-                                  "to a state dict")
-    bn: Literal["frozen", "finetune", "sync"] = key("finetune", "BatchNorm: frozen (running statistics and affine "
-                                                                "fixed), finetune, sync (across processes)")
+    msc_sizes: Literal["floor", "caffe"] = key("floor", "v2 MSC scaled input size: floor(n*s), or Caffe's Interp "
+                                                        "((n-1)//q)*p+1 for s = p/q")
+    decoder_channels: int = key(48, "v3+ decoder: 1x1 projection width of each low-level feature")
+    decoder_convs: int = key(2, "v3+ decoder: number of refinement convs per low-level feature")
+    decoder_width: int = key(256, "v3+ decoder: channels of the refinement convs")
+    decoder_kernel: int = key(3, "v3+ decoder: kernel of the refinement convs (v3+ Table 2: 3 or 1)")
+    decoder_features: tuple[str, ...] = key(("layer1",), "v3+ decoder: low-level features, coarse to fine "
+                                                         "(Conv2 = layer1; Conv3 + Conv2 = [layer2, layer1])")
+    pretrained: str = key("none", "initialisation: imagenet (torchvision's file in the hub cache), none, a PATH to "
+                                  "a state dict, or run:<experiment> (that experiment's finished run, same seed)")
+    trainable: tuple[str, ...] = key((), "train only parameters whose names start with these prefixes (v1 MSc "
+                                         "stage); empty = all")
+    bn: Literal["frozen", "frozen_stats", "finetune", "sync"] = key(
+        "finetune", "BatchNorm: frozen (Caffe: statistics and affine fixed), frozen_stats (TF fine_tune_batch_norm="
+                    "false: statistics fixed, affine trained), finetune, sync (across processes)")
     bn_momentum: float = key(0.0003, "BatchNorm momentum, PyTorch convention (TF decay 0.9997 = 0.0003)")
 
 
@@ -98,6 +110,8 @@ class DataConfig(Section):
                                EVALUATION)
     num_workers: int = key(2, "DataLoader worker processes", INFRASTRUCTURE)
     scale_range: tuple[float, ...] = key((0.5, 1.5), "random scale [low, high] of training images; [1, 1] = none")
+    scale_step: float = key(0.0, "random scales in steps of this size within the range (TF DeepLab: 0.25); "
+                                 "0 = continuous")
     flip: bool = key(True, "random horizontal flip in training")
 
 
@@ -113,6 +127,8 @@ class OptimConfig(Section):
     new_lr_mult: float = key(1.0, "lr multiplier of newly initialised layers (classifier, ASPP, decoder)")
     bias_lr_mult: float = key(1.0, "extra lr multiplier of biases (Caffe's 2x in v1/v2)")
     bias_weight_decay: bool = key(False, "apply weight decay to biases and norm parameters")
+    loss_at: Literal["input", "logits"] = key("input", "loss on logits upsampled to the input (v3) or on the "
+                                                       "ground truth shrunk to the logits (v1, v2)")
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,7 @@ class ProtocolConfig(Section):
     mode: Optional[Literal["whole", "slide"]] = key(None, "whole image or sliding window")
     slide_crop: Optional[int] = key(None, "sliding window size")
     slide_stride: Optional[int] = key(None, "sliding window step")
+    canvas: Optional[tuple[int, ...]] = key(None, "pad to at least [height, width] first")
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,8 @@ class EvalConfig(Section):
     mode: Literal["whole", "slide"] = key("whole", "whole image, or overlapping windows (Cityscapes)")
     slide_crop: int = key(769, "sliding window size, pixels")
     slide_stride: int = key(513, "sliding window step, pixels")
+    canvas: tuple[int, ...] = key((), "pad every image to at least [height, width] with the mean colour before "
+                                      "predicting (TF eval_crop_size, Caffe test crop); empty = to the stride only")
     protocols: tuple[ProtocolConfig, ...] = key((), "extra protocols fit's final evaluation reports, e.g. "
                                                     "[{name: os8, output_stride: 8}]")
 
@@ -151,6 +170,9 @@ class CRFConfig(CRFParams):
 
     enabled: bool = key(False, "refine with the dense CRF (reports val/mIoU_crf beside val/mIoU)")
     backend: Literal["torch", "pydensecrf"] = key("torch", "torch (CPU/GPU, batched) or pydensecrf (reference)")
+    search: bool = key(False, "cross-validate w1, sigma_alpha, sigma_beta on search_images val images (the papers' "
+                              "coarse-to-fine search) and evaluate with the values found; runs only with crf.enabled")
+    search_images: int = key(100, "val images of the CRF search (v1/v2: 100)")
 
     @property
     def params(self) -> CRFParams:

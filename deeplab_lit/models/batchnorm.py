@@ -10,6 +10,13 @@
   BatchNorm layer normalises with its running statistics, in training too, never updates them, and its
   scale and shift are not trained. (v2's ResNet heads have no BatchNorm; in a network whose new layers
   have BatchNorm, those layers keep their initial statistics and affine, i.e. they are identities.)
+- `frozen_stats` (TF DeepLab's `fine_tune_batch_norm=False`, v3 Table 8's "without fine-tuning BN"):
+  TF builds every BatchNorm, backbone and new layers alike, with `is_training=False`, so each normalises
+  with its moving statistics (ImageNet's in the backbone, the initial 0 / 1 in new layers) and never
+  updates them; its scale (gamma) and shift (beta) stay trainable variables and are trained.
+
+TF DeepLab's decay: 0.9997 for ASPP, decoder and Xception, 0.95 for its ResNet backbones
+(core/feature_extractor.py); the v3 paper states 0.9997, which the experiments use everywhere.
 
 `DeepLab` applies the policy when it is built and again in every `train()` call, so nothing else
 (LightningModule, inference, evaluation) touches BatchNorm.
@@ -18,7 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-BN_MODES = ("frozen", "finetune", "sync")
+BN_MODES = ("frozen", "frozen_stats", "finetune", "sync")
+STATISTICS_FIXED = ("frozen", "frozen_stats")
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -35,7 +43,7 @@ def apply_batchnorm_policy(network: nn.Module, mode: str, momentum: float) -> No
 
 
 def keep_frozen_layers_in_eval(network: nn.Module, mode: str) -> None:
-    """After `network.train()`: frozen BatchNorm layers normalise with their running statistics."""
-    if mode == "frozen":
+    """After `network.train()`: BatchNorm layers with fixed statistics normalise with their running ones."""
+    if mode in STATISTICS_FIXED:
         for bn in batchnorm_layers(network):
             bn.eval()

@@ -12,8 +12,12 @@ from typing import Callable
 
 from deeplab_lit.errors import UserError
 from deeplab_lit.models.batchnorm import BN_MODES
+from torch import nn
+
 from deeplab_lit.models.backbones import ResNetBackbone, VGG16Atrous
+from deeplab_lit.models.backbones.resnet import max_output_stride
 from deeplab_lit.models.deeplab import DeepLab
+from deeplab_lit.models.heads.decoder import FEATURE_STRIDES
 from deeplab_lit.models.heads import ASPP, ASPPHead, AtrousClassifierHead, ClassifierHead, DecoderHead, FCHead
 from deeplab_lit.models.pretrained import load_pretrained
 from deeplab_lit.registry import Registry
@@ -41,7 +45,8 @@ def build_aspp(cfg, backbone) -> ASPP:
 HEADS: Registry[Callable] = Registry("model.head")
 HEADS.register("fc", lambda cfg, backbone, n: FCHead(
     backbone.out_channels, n, rates=list(cfg.aspp_rates), kernel=cfg.fc6_kernel, width=cfg.fc6_width,
-    dropout=cfg.dropout, msc_features=cfg.msc_features), "VGG fc6-fc7-fc8 per rate, summed (v1, v2 VGG)")
+    dropout=cfg.dropout, msc_features=cfg.msc_features, msc_dropout=cfg.msc_dropout, pool5_avg=cfg.pool5_avg),
+    "VGG fc6-fc7-fc8 per rate, summed (v1, v2 VGG)")
 HEADS.register("classifier", lambda cfg, backbone, n: ClassifierHead(backbone.out_channels, n),
                "one 1x1 classifier (v2 ResNet, v3 cascaded blocks)")
 HEADS.register("atrous_classifier", lambda cfg, backbone, n: AtrousClassifierHead(
@@ -51,8 +56,8 @@ HEADS.register("aspp", lambda cfg, backbone, n: ASPPHead(build_aspp(cfg, backbon
 
 
 def _deeplab(cfg, backbone, head) -> DeepLab:
-    return DeepLab(backbone, head, generation=cfg.generation, msc_scales=cfg.msc_scales, bn_mode=cfg.bn,
-                   bn_momentum=cfg.bn_momentum)
+    return DeepLab(backbone, head, generation=cfg.generation, msc_scales=cfg.msc_scales, msc_sizes=cfg.msc_sizes,
+                   bn_mode=cfg.bn, bn_momentum=cfg.bn_momentum)
 
 
 def _backbone_and_head(cfg, backbone, num_classes) -> DeepLab:
@@ -60,8 +65,10 @@ def _backbone_and_head(cfg, backbone, num_classes) -> DeepLab:
 
 
 def _v3plus(cfg, backbone, num_classes) -> DeepLab:
-    head = DecoderHead(build_aspp(cfg, backbone), num_classes, low_level_channels=backbone.low_level_channels,
-                       decoder_channels=cfg.decoder_channels, decoder_convs=cfg.decoder_convs)
+    head = DecoderHead(build_aspp(cfg, backbone), num_classes, feature_channels=backbone.feature_channels,
+                       decoder_channels=cfg.decoder_channels, decoder_convs=cfg.decoder_convs,
+                       decoder_width=cfg.decoder_width, decoder_kernel=cfg.decoder_kernel,
+                       decoder_features=cfg.decoder_features)
     return _deeplab(cfg, backbone, head)
 
 
@@ -94,17 +101,17 @@ def validate(cfg, num_classes: int) -> None:
     if len(cfg.multi_grid) != 3 or any(not isinstance(r, int) or r < 1 for r in cfg.multi_grid):
         raise UserError(f"model.multi_grid={list(cfg.multi_grid)}: needs three rates (r1, r2, r3), positive "
                         "integers (one per unit of block4)")
+    if cfg.output_stride not in supported_output_strides(cfg):
+        raise UserError(f"model.output_stride={cfg.output_stride}: model.backbone={cfg.backbone} with "
+                        f"{cfg.cascade_blocks} cascaded blocks supports "
+                        f"{', '.join(map(str, supported_output_strides(cfg)))} (above 32, one cascaded block "
+                        "strides per doubling: set model.cascade_blocks)")
     if cfg.backbone == "vgg16":
-        if cfg.output_stride != 8:
-            raise UserError(f"model.output_stride={cfg.output_stride}: vgg16 has a fixed output stride of 8; "
-                            "set model.output_stride=8")
         if cfg.cascade_blocks:
             raise UserError("model.cascade_blocks copies ResNet's block4; set it to 0 for vgg16")
         if list(cfg.multi_grid) != [1, 1, 1]:
             raise UserError("model.multi_grid applies to ResNet's block4; leave it [1, 1, 1] for vgg16")
     else:
-        if cfg.output_stride not in (8, 16, 32):
-            raise UserError(f"model.output_stride must be 8, 16 or 32, got {cfg.output_stride}")
         if cfg.cascade_blocks < 0:
             raise UserError(f"model.cascade_blocks must be >= 0, got {cfg.cascade_blocks}")
     if any(int(r) != r or r < 1 for r in cfg.aspp_rates):
@@ -117,8 +124,21 @@ def validate(cfg, num_classes: int) -> None:
         raise UserError(f"model.dropout and model.aspp_dropout must be in [0, 1), got {cfg.dropout}, {cfg.aspp_dropout}")
     if any(s <= 0 for s in cfg.msc_scales):
         raise UserError(f"model.msc_scales must be positive, got {list(cfg.msc_scales)}")
-    if cfg.aspp_channels < 1 or cfg.decoder_channels < 1 or cfg.decoder_convs < 0:
-        raise UserError("model.aspp_channels and model.decoder_channels must be >= 1, model.decoder_convs >= 0")
+    if cfg.aspp_channels < 1 or cfg.decoder_channels < 1 or cfg.decoder_convs < 0 or cfg.decoder_width < 1:
+        raise UserError("model.aspp_channels, model.decoder_channels and model.decoder_width must be >= 1, "
+                        "model.decoder_convs >= 0")
+    if cfg.decoder_kernel < 1 or cfg.decoder_kernel % 2 == 0:
+        raise UserError(f"model.decoder_kernel={cfg.decoder_kernel} must be an odd kernel size (1, 3, ...)")
+    if cfg.generation == "v3plus":
+        known = list(FEATURE_STRIDES)
+        strides = [FEATURE_STRIDES.get(name) for name in cfg.decoder_features]
+        if not cfg.decoder_features or None in strides or strides != sorted(strides, reverse=True):
+            raise UserError(f"model.decoder_features={list(cfg.decoder_features)}: give low-level features coarse to "
+                            f"fine, from {', '.join(known)} (the paper's decoder: [layer1])")
+    if not 0 <= cfg.msc_dropout < 1:
+        raise UserError(f"model.msc_dropout must be in [0, 1), got {cfg.msc_dropout}")
+    if cfg.pool5_avg and cfg.head != "fc":
+        raise UserError("model.pool5_avg is LargeFOV's average pooling before fc6: it needs model.head=fc")
     if cfg.bn not in BN_MODES:
         raise UserError(f"model.bn={cfg.bn!r} is unknown; choose one of {', '.join(BN_MODES)}")
     if not 0 <= cfg.bn_momentum <= 1:
@@ -126,8 +146,20 @@ def validate(cfg, num_classes: int) -> None:
 
 
 def supported_output_strides(cfg) -> tuple[int, ...]:
-    """Output strides the backbone of `cfg` can be evaluated at (set_output_stride)."""
-    return (8,) if cfg.backbone == "vgg16" else (8, 16, 32)
+    """Output strides the backbone of `cfg` can be trained or evaluated at (set_output_stride)."""
+    if cfg.backbone == "vgg16":
+        return (8,)
+    return tuple(s for s in (8, 16, 32, 64, 128, 256) if s <= max_output_stride(max(0, cfg.cascade_blocks)))
+
+
+def apply_trainable(model: nn.Module, prefixes) -> None:
+    """`model.trainable`: only parameters whose names start with one of `prefixes` train (empty = all).
+    v1's MSc stage trains the MSc MLPs and fc8 of a trained base network (v1 Sec. 4.3)."""
+    if not prefixes:
+        return
+    for name, parameter in model.named_parameters():
+        if not name.startswith(tuple(prefixes)):
+            parameter.requires_grad_(False)
 
 
 def build_model(model_cfg, num_classes: int) -> DeepLab:
@@ -136,4 +168,5 @@ def build_model(model_cfg, num_classes: int) -> DeepLab:
     backbone = BACKBONES[model_cfg.backbone](model_cfg)
     model = GENERATIONS[model_cfg.generation](model_cfg, backbone, num_classes)
     load_pretrained(model, model_cfg)
+    apply_trainable(model, model_cfg.trainable)
     return model

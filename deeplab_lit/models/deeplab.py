@@ -12,8 +12,11 @@
   its own head resolution, in `msc_scales` order, for the loss that sums every scale's and the fused
   logits' cross-entropy.
 
-MSC: the input is resized bilinearly (align_corners=False) to floor(H * s) x floor(W * s) for each
-scale s (the size `F.interpolate(scale_factor=s)` gives; s = 1 runs on the input itself), the same
+MSC: the input is resized bilinearly (align_corners=False) for each scale s (s = 1 runs on the input
+itself) to `msc_sizes`: "floor" = floor(H * s) (what `F.interpolate(scale_factor=s)` gives) or "caffe"
+= DeepLab v2's Interp layer arithmetic for s = p/q: shrink by q then zoom by p, ((H - 1) // q) * p + 1
+(deeplab-public interp_layer.cpp: shrink (n - 1) / q + 1, zoom n + (n - 1)(p - 1)); for the 321 crop
+and s = 0.75, 0.5 that is 241 and 161 (floor: 240, 160). The same
 backbone and head run on each, every scale's logits are upsampled bilinearly to the largest scale's
 logits size and fused by element-wise max into `"logits"`. Evaluation returns only the fused map.
 DeepLab v2's Caffe code resizes with align_corners=True semantics; we use False throughout, like
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +35,21 @@ from torch import nn
 from deeplab_lit.models.batchnorm import apply_batchnorm_policy, keep_frozen_layers_in_eval
 
 
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """Input size of one MSC scale: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100)."""
+MSC_SIZES = ("floor", "caffe")
+
+
+def caffe_interp_size(n: int, scale: float) -> int:
+    """Caffe Interp: shrink by q, then zoom by p, for scale = p / q."""
+    fraction = Fraction(scale).limit_denominator(64)
+    return max(1, ((n - 1) // fraction.denominator) * fraction.numerator + 1)
+
+
+def scaled_size(height: int, width: int, scale: float, rule: str = "floor") -> tuple[int, int]:
+    """Input size of one MSC scale; floor: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100)."""
+    if scale == 1.0:
+        return height, width
+    if rule == "caffe":
+        return caffe_interp_size(height, scale), caffe_interp_size(width, scale)
     return max(1, math.floor(height * scale + 1e-9)), max(1, math.floor(width * scale + 1e-9))
 
 
@@ -49,12 +66,13 @@ class DeepLab(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, generation: str, msc_scales=(),
-                 bn_mode: str = "finetune", bn_momentum: float = 0.1):
+                 msc_sizes: str = "floor", bn_mode: str = "finetune", bn_momentum: float = 0.1):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.generation = generation
         self.msc_scales = [float(s) for s in msc_scales]
+        self.msc_sizes = msc_sizes
         self.bn_mode = bn_mode
         self.init_source = "none"  # set by the pretrained loader: "imagenet:<file>" or the path
         apply_batchnorm_policy(self, bn_mode, bn_momentum)
@@ -83,7 +101,7 @@ class DeepLab(nn.Module):
 
     def logits_size(self, height: int, width: int) -> tuple[int, int]:
         if self.msc_scales:
-            height, width = scaled_size(height, width, max(self.msc_scales))
+            height, width = scaled_size(height, width, max(self.msc_scales), self.msc_sizes)
         s = self.logits_stride
         return math.ceil(height / s), math.ceil(width / s)
 
@@ -100,7 +118,8 @@ class DeepLab(nn.Module):
             scale_logits = []
             for scale in self.msc_scales:
                 xs = x if scale == 1.0 else F.interpolate(
-                    x, size=scaled_size(size[0], size[1], scale), mode="bilinear", align_corners=False)
+                    x, size=scaled_size(size[0], size[1], scale, self.msc_sizes), mode="bilinear",
+                    align_corners=False)
                 scale_logits.append(self._logits(xs))
             largest = scale_logits[self.msc_scales.index(max(self.msc_scales))]
             fused = functools.reduce(torch.maximum, [_upsample(l, largest.shape[-2:]) for l in scale_logits])

@@ -126,18 +126,33 @@ def _load_torchvision(model, state: dict[str, torch.Tensor], path: Path, backbon
                         f"({str(err).splitlines()[-1].strip()})") from None
 
 
+def _widened_input(own: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """A conv weight whose input channels grew (v1 MSc: fc8 sees fc7 + 640 MSc channels): copyable into the
+    leading input channels."""
+    return (own.dim() == theirs.dim() == 4 and own.shape[0] == theirs.shape[0] and own.shape[2:] == theirs.shape[2:]
+            and own.shape[1] > theirs.shape[1])
+
+
 def _load_deeplab(model, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Our own format: every tensor whose name and shape match; a conv weight whose input channels grew
+    gets the stored weights in its leading input channels and keeps its initialisation for the new ones
+    (so a v1 MSc network starts from its base network's fc8, as the released MSc prototxt does)."""
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    widened = {k: v for k, v in state.items() if k in own and k not in matched and _widened_input(own[k], v)}
     if not matched:
         raise UserError(f"model.pretrained: no tensor of {path} matches this model's names and shapes")
+    for key, value in widened.items():
+        merged = own[key].clone()
+        merged[:, : value.shape[1]] = value
+        matched[key] = merged
     mismatched = sorted(k for k in state if k in own and k not in matched)
     missing = sorted(set(own) - set(matched))
     model.load_state_dict(matched, strict=False)
     if mismatched or missing:
-        log.warning("model.pretrained=%s: loaded %d of %d tensors; kept the initialisation of %s",
-                    path, len(matched), len(own), ", ".join((mismatched + missing)[:8])
-                    + (" ..." if len(mismatched + missing) > 8 else ""))
+        log.warning("model.pretrained=%s: loaded %d of %d tensors (%d widened); kept the initialisation of %s",
+                 path, len(matched), len(own), len(widened), ", ".join((mismatched + missing)[:8])
+                 + (" ..." if len(mismatched + missing) > 8 else ""))
 
 
 def load_pretrained(model, model_cfg) -> None:

@@ -6,8 +6,8 @@ are data, not code; a poly (or step) schedule stepped every iteration from `trai
 dataset-level metrics (a confusion matrix accumulated over the whole validation set and summed over
 DDP ranks by torchmetrics, never averaged per batch); BatchNorm frozen, fine-tuned or synchronised.
 
-What differs per generation (subclasses in v1.py, v2.py, v3.py): where the loss is computed
-(`compute_loss`).
+Where the loss is computed is the recipe's `optim.loss_at` (losses.py): at the logits' resolution
+(v1, v2) or at the input's (v3, v3+).
 
 The module receives built objects, as lightning-hydra-template passes a built `net`: the network
 (`models.build_model`, which also owns the BatchNorm policy), the optimisation recipe (`OptimConfig`
@@ -24,16 +24,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from deeplab_lit.config import CRFConfig, OptimConfig
 from deeplab_lit.errors import UserError
 from deeplab_lit.inference import predict_probs
+from deeplab_lit.modules.losses import IGNORE_INDEX, loss_terms
 from deeplab_lit.models.batchnorm import batchnorm_layers
 from deeplab_lit.protocols import MetricKey, Protocol
 
-IGNORE_INDEX = 255
 
 
 def poly_factor(step: int, max_steps: int, power: float) -> float:
@@ -114,9 +113,12 @@ class SegmentationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)
 
+    def loss_terms(self, outputs: dict, masks: torch.Tensor) -> list[torch.Tensor]:
+        return loss_terms(outputs, masks, self.recipe.loss_at)
+
     def compute_loss(self, outputs: dict, masks: torch.Tensor) -> torch.Tensor:
-        """v3/v3+: cross-entropy of the logits upsampled to the full-resolution ground truth."""
-        return F.cross_entropy(outputs["out"], masks, ignore_index=IGNORE_INDEX)
+        terms = self.loss_terms(outputs, masks)
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def training_step(self, batch, batch_idx):
         outputs = self(batch["image"])

@@ -21,9 +21,15 @@ Atrous rules (documented choices where the papers and torchvision differ):
   At OS 32 layer4 keeps its stride (first unit) and uses dilations 1 * multi_grid.
 - cascaded blocks block5..block(4+N) (v3 Tables 1-3): copies of block4's structure (3 bottleneck
   units, 2048 -> 512 -> 2048, identity shortcuts), each block's rate double the previous block's,
-  times the multi-grid. They never stride: v3 Table 1 obtains output strides 8/16/32 with block7
-  entirely by atrous convolution ("no striding after the target output stride is reached"; with
-  OS 32 the target is reached at block4, so block5..7 use rates 2, 4, 8).
+  times the multi-grid. As in v3 Sec. 3.1 ("there are three 3x3 convolutions in those blocks, and
+  the last convolution contains stride 2 except the one in last block, similar to original ResNet")
+  a cascaded block strides while the target output stride is not reached and is atrous after it
+  ("no striding after the target output stride is reached"): at OS 8/16/32 they never stride (with
+  OS 32 the target is reached at block4, so block5..7 use rates 2, 4, 8); at OS 64/128/256 (v3
+  Table 1, 256 = no atrous convolution at all) block5, block6, block7 stride in turn. A striding
+  cascaded unit keeps its identity shortcut, subsampled (a 1x1 max pooling with stride 2, TF's
+  `resnet_utils.subsample`), since block4's copies have no projection shortcut. The stride sits in the
+  first unit's 3x3 conv, as everywhere in torchvision's ResNet (TF puts it in the last unit).
   They are randomly initialised (torchvision's ResNet init) and belong to the "new" parameter group:
   an ImageNet ResNet has no block5, the first unit's 1x1 conv (2048 inputs) cannot take layer4's
   first-unit weights (1024 inputs), and TF-DeepLab restores only variables present in the checkpoint.
@@ -52,6 +58,17 @@ def _set_unit(unit: Bottleneck, stride: int, dilation: int) -> None:
     unit.stride = stride  # torchvision's bookkeeping attribute; unused by forward
 
 
+def _set_cascade_unit(unit: Bottleneck, stride: int, dilation: int) -> None:
+    """A unit of a cascaded block: its identity shortcut is subsampled when the unit strides."""
+    _set_unit(unit, stride, dilation)
+    unit.downsample = nn.MaxPool2d(kernel_size=1, stride=stride) if stride > 1 else None
+
+
+def max_output_stride(cascade_blocks: int) -> int:
+    """32 from the trunk, doubled by every cascaded block that may stride."""
+    return 32 * 2 ** cascade_blocks
+
+
 def _init_like_torchvision(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -69,7 +86,7 @@ class ResNetBackbone(nn.Module):
     """
 
     out_channels = 2048
-    low_level_channels = 256  # layer1
+    feature_channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}  # what a decoder may take
     pretrained_prefixes = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, depth: int = 101, *, output_stride: int = 16,
@@ -89,9 +106,12 @@ class ResNetBackbone(nn.Module):
         self.set_output_stride(output_stride)
 
     def set_output_stride(self, output_stride: int) -> None:
-        """Set strides and dilations in place for output stride 8, 16 or 32 (weights untouched)."""
-        if output_stride not in (8, 16, 32):
-            raise UserError(f"output stride must be 8, 16 or 32 for a ResNet backbone, got {output_stride}")
+        """Set strides and dilations in place for output stride 8, 16, 32 (or up to 32 x 2^cascaded blocks,
+        v3 Table 1), weights untouched."""
+        allowed = [8, 16, 32] + [32 * 2 ** k for k in range(1, len(self.cascade_names) + 1)]
+        if output_stride not in allowed:
+            raise UserError(f"output stride must be one of {', '.join(map(str, allowed))} for this ResNet backbone "
+                            f"({len(self.cascade_names)} cascaded blocks), got {output_stride}")
         stride, dilation = STEM_STRIDE, 1
         for layer in (self.layer2, self.layer3):
             previous = dilation
@@ -108,10 +128,15 @@ class ResNetBackbone(nn.Module):
             layer4_stride, dilation = 1, dilation * 2
         for i, unit in enumerate(self.layer4):
             _set_unit(unit, layer4_stride if i == 0 else 1, dilation * self.multi_grid[i])
+        if layer4_stride == 2:
+            stride *= 2
         for name in self.cascade_names:
-            dilation *= 2
+            if stride < output_stride:
+                block_stride, stride = 2, stride * 2
+            else:
+                block_stride, dilation = 1, dilation * 2
             for i, unit in enumerate(getattr(self, name)):
-                _set_unit(unit, 1, dilation * self.multi_grid[i])
+                _set_cascade_unit(unit, block_stride if i == 0 else 1, dilation * self.multi_grid[i])
         self.output_stride = output_stride
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,14 +11,21 @@ pad 12), so the padding stays symmetric; the 4x4 kernel's taps are then centred 
 (r / 2 pixels) off the output pixel, as in Caffe. For an odd total (even kernel, odd rate) the extra
 pixel of padding goes to the bottom/right.
 
-v1 "MSc" (`msc_features`, v1 Sec. 4 / Table 1): a two-layer MLP (3x3 conv 128 + ReLU, 1x1 conv 128 +
-ReLU) on the input image and on each of pool1..pool4; the five 128-channel maps are concatenated to
-the last feature map of the main network, fc7's output, so fc8 sees fc6_width + 640 channels ("the
-aggregate feature map fed into the softmax layer is enhanced by 5 * 128 = 640 channels"). The paper
-does not say how the finer maps reach stride 8; we stride each MLP's 3x3 conv by the remaining factor
-(image 8, pool1 4, pool2 2, pool3/pool4 1), which yields exactly the final size ceil(H / 8), so no
-resizing is needed (and is cheaper than running the MLP at full resolution). With several branches
-the same MSc features are concatenated to every branch's fc7 output.
+LargeFOV's "pool5a" (`pool5_avg`): the released DeepLab-LargeFOV prototxts (train and test) put a 3x3
+average pooling, stride 1, pad 1, between pool5 and fc6; the 4x4/7x7 DeepLab and DeepLab-MSc ones
+do not. Caffe's average pooling divides by the full 3x3 window at the borders too
+(`count_include_pad=True` here).
+
+v1 "MSc" (`msc_features`, v1 Sec. 4 / Table 1): a two-layer MLP (3x3 conv 128, 1x1 conv 128, each
+followed by ReLU and dropout 0.5) on the input image and on each of pool1..pool4; the five 128-channel
+maps are concatenated to fc7's output, so fc8 sees fc6_width + 640 channels ("the aggregate feature
+map fed into the softmax layer is enhanced by 5 * 128 = 640 channels"). The released DeepLab-MSc
+prototxt builds the same function differently: each MLP ends in its own 1x1 classifier whose scores
+are summed with fc8's; a 1x1 conv over a concatenation is exactly that sum, so the two are one model
+(one bias instead of six). From that prototxt: the MLP's 3x3 conv strides by the factor still needed
+to reach stride 8 (image 8, pool1 4, pool2 2, pool3/pool4 1; sizes ceil(H / 8), no resizing), each
+ReLU is followed by dropout 0.5 (`msc_dropout`), the MLP convs are initialised Gaussian std 0.001 and
+the classifier columns std 0.01. With several branches the same MSc features go to every branch's fc8.
 
 Parameter roles: fc6/fc7 are made from VGG-16's fully connected layers ("pretrained" group, see
 pretrained.py); fc8 and the MSc MLPs are new.
@@ -78,19 +85,29 @@ class FCBranch(nn.Module):
         return self.fc8(x)
 
 
+MSC_HIDDEN_STD = 0.001  # released DeepLab-MSc prototxt: the MLP convs' gaussian weight_filler
+
+
+def relu_dropout(p: float) -> nn.Sequential:
+    return nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(p))
+
+
 class MultiScaleFeatures(nn.Module):
     """v1 MSc: one two-layer MLP per source (image, pool1..pool4), concatenated (640 channels)."""
 
     out_channels = MSC_CHANNELS * len(MSC_SOURCES)
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.5):
         super().__init__()
         self.mlps = nn.ModuleDict({
             name: nn.Sequential(
-                nn.Conv2d(channels, MSC_CHANNELS, 3, stride=stride, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(MSC_CHANNELS, MSC_CHANNELS, 1), nn.ReLU(inplace=True))
+                nn.Conv2d(channels, MSC_CHANNELS, 3, stride=stride, padding=1), relu_dropout(dropout),
+                nn.Conv2d(MSC_CHANNELS, MSC_CHANNELS, 1), relu_dropout(dropout))
             for name, (channels, stride) in MSC_SOURCES.items()})
-        init_hidden(self)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=MSC_HIDDEN_STD)
+                nn.init.zeros_(m.bias)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([mlp(features[name]) for name, mlp in self.mlps.items()], dim=1)
@@ -100,9 +117,10 @@ class FCHead(nn.Module):
     """Branches of fc6-fc7-fc8 on `features["out"]`, logits summed; optional v1 MSc features."""
 
     def __init__(self, in_channels: int, num_classes: int, *, rates: list[int], kernel: int, width: int,
-                 dropout: float, msc_features: bool = False):
+                 dropout: float, msc_features: bool = False, msc_dropout: float = 0.5, pool5_avg: bool = False):
         super().__init__()
-        self.msc = MultiScaleFeatures() if msc_features else None
+        self.pool5a = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True) if pool5_avg else nn.Identity()
+        self.msc = MultiScaleFeatures(msc_dropout) if msc_features else None
         extra = self.msc.out_channels if self.msc is not None else 0
         self.kernel, self.width = kernel, width
         self.branches = nn.ModuleList(
@@ -113,7 +131,8 @@ class FCHead(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         msc = self.msc(features) if self.msc is not None else None
-        logits = [branch(features["out"], msc) for branch in self.branches]
+        x = self.pool5a(features["out"])
+        logits = [branch(x, msc) for branch in self.branches]
         return torch.stack(logits).sum(dim=0) if len(logits) > 1 else logits[0]
 
     def atrous_rates(self) -> list[int]:
