@@ -1,7 +1,7 @@
 """python -m deeplab_lit.crf_search --checkpoint PATH [--images 100] [--out DIR]
 
-The papers' cross-validation of the CRF: the network's probabilities on the first N val images are
-computed once and cached; then a coarse grid over w1 (`crf.bi_w`), the appearance kernel's spatial
+The papers' cross-validation of the CRF (deeplab_lit/crf_validation.py): the network's probabilities on
+N val images spread evenly over the split are computed once and cached; then a coarse grid over w1 (`crf.bi_w`), the appearance kernel's spatial
 std σα (`crf.bi_xy_std`) and colour std σβ (`crf.bi_rgb_std`) is evaluated with w2 and σγ fixed at the
 experiment's values, followed by a finer grid around the best coarse setting. Every setting's mIoU
 goes into a table (printed, and written as CSV and JSON); the best parameters are written as
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import itertools
 import json
 import os
 from pathlib import Path
@@ -32,24 +31,10 @@ import torch
 from deeplab_lit.cli import parser as command_parser
 from deeplab_lit.cli import run
 from deeplab_lit.config import parse_override, split_overrides
+from deeplab_lit.crf_validation import (
+    COARSE, FIXED, SEARCHED, baseline_miou, coarse_to_fine, collect_unaries, evaluate_settings, search_indices)
 from deeplab_lit.errors import UserError
 from deeplab_lit.files import atomic_write, write_json_atomic, write_text_atomic
-
-COARSE = {"bi_w": [3, 4, 5, 6, 8, 10], "bi_xy_std": list(range(30, 121, 10)), "bi_rgb_std": [3, 4, 5, 6, 8, 10]}
-FINE_STEPS = {"bi_w": 0.5, "bi_xy_std": 5.0, "bi_rgb_std": 1.0}
-
-
-def confusion(labels: np.ndarray, masks: np.ndarray, num_classes: int) -> np.ndarray:
-    valid = masks != 255
-    index = num_classes * masks[valid].astype(np.int64) + labels[valid].astype(np.int64)
-    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def miou_from_confusion(matrix: np.ndarray) -> float:
-    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
-    present = union > 0
-    return float((np.diag(matrix)[present] / union[present]).mean())
-
 
 CACHE_FORMAT = 1
 
@@ -62,7 +47,6 @@ def cache_unaries(checkpoint_path: str, images: int, cache_dir: Path) -> dict:
     "num_classes", "crf": the checkpoint's CRF section}."""
     from datamodules import build_datamodule
     from deeplab_lit.checkpoints import load_run
-    from deeplab_lit.inference import predict_probs
 
     stamp = f"{Path(checkpoint_path).resolve()}:{os.path.getmtime(checkpoint_path)}:{images}"
     cache = cache_dir / f"crf_unaries_{hashlib.sha1(stamp.encode()).hexdigest()[:10]}.npz"
@@ -76,16 +60,11 @@ def cache_unaries(checkpoint_path: str, images: int, cache_dir: Path) -> dict:
     datamodule.setup("validate")
     dataset = datamodule.val_dataset
     arrays = {"format": np.array(CACHE_FORMAT), "num_classes": np.array(loaded.spec.dataset.num_classes)}
-    from rich.progress import track
-
-    count = min(images, len(dataset))
-    with torch.no_grad():
-        for index in track(range(count), description="caching unaries"):
-            item = dataset[index]
-            probs = predict_probs(model, item["image"][None].to(device), protocol)[0]
-            arrays[f"probs_{index}"] = probs.half().cpu().numpy()
-            arrays[f"rgb_{index}"] = np.asarray(item["rgb"])
-            arrays[f"mask_{index}"] = item["mask"].numpy().astype(np.uint8)
+    entries = collect_unaries(model, dataset, protocol, search_indices(len(dataset), images), device)
+    for index, entry in enumerate(entries):
+        arrays[f"probs_{index}"] = entry["probs"].numpy()
+        arrays[f"rgb_{index}"] = entry["rgb"].numpy()
+        arrays[f"mask_{index}"] = entry["mask"].numpy().astype(np.uint8)
     atomic_write(cache, lambda stream: np.savez(stream, **arrays))
     return read_cache(cache, loaded.spec)
 
@@ -105,42 +84,6 @@ def read_cache(path: Path, spec) -> dict:
     return {"entries": entries, "num_classes": int(arrays["num_classes"]), "crf": spec.config.crf}
 
 
-def evaluate_settings(data: dict, settings: list[dict], device: str) -> list[float]:
-    """mIoU of every setting over the cached images (lattices shared across settings per image)."""
-    from deeplab_lit.crf import dense_crf_many
-
-    num_classes = data["num_classes"]
-    matrices = [np.zeros((num_classes, num_classes), np.int64) for _ in settings]
-    for entry in data["entries"]:
-        probs = entry["probs"].float()[None].to(device)
-        probs = probs / probs.sum(1, keepdim=True)  # float16 storage: renormalise exactly
-        labels = dense_crf_many(probs, entry["rgb"][None].to(device), settings, output="labels")
-        mask = entry["mask"].numpy()
-        for matrix, label in zip(matrices, labels):
-            matrix += confusion(label[0].cpu().numpy(), mask, num_classes)
-    return [miou_from_confusion(m) for m in matrices]
-
-
-def baseline_miou(data: dict) -> float:
-    num_classes = data["num_classes"]
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    for entry in data["entries"]:
-        matrix += confusion(entry["probs"].float().argmax(0).numpy(), entry["mask"].numpy(), num_classes)
-    return miou_from_confusion(matrix)
-
-
-def grid(ranges: dict, fixed: dict) -> list[dict]:
-    keys = list(ranges)
-    return [{**fixed, **dict(zip(keys, values))} for values in itertools.product(*(ranges[k] for k in keys))]
-
-
-def fine_ranges(best: dict) -> dict:
-    return {
-        key: sorted({max(step, round(best[key] + k * step, 3)) for k in (-2, -1, 0, 1, 2)})
-        for key, step in FINE_STEPS.items()
-    }
-
-
 def parse_args(argv):
     parser = command_parser("python -m deeplab_lit.crf_search", __doc__, config_keys=False)
     parser.add_argument("--checkpoint", required=True)
@@ -152,10 +95,6 @@ def parse_args(argv):
     parser.add_argument("--no-fine", action="store_true", help="coarse grid only")
     args, rest = parser.parse_known_args(argv)
     return args, split_overrides(rest)
-
-
-SEARCHED = ("bi_w", "bi_xy_std", "bi_rgb_std")
-FIXED = ("iterations", "pos_w", "pos_xy_std")
 
 
 def main(argv: list[str]) -> int:
@@ -178,11 +117,12 @@ def main(argv: list[str]) -> int:
     data = cache_unaries(args.checkpoint, args.images, out)
     crf = data["crf"]
     fixed = {name: getattr(crf, name) for name in FIXED}
-    base = baseline_miou(data)
+    entries, num_classes = data["entries"], data["num_classes"]
+    base = baseline_miou(entries, num_classes)
 
     if set(SEARCHED) <= set(single):  # one sweep point
         setting = {**fixed, **single}
-        miou = evaluate_settings(data, [setting], device)[0]
+        miou = evaluate_settings(entries, num_classes, [setting], device)[0]
         print(json.dumps({"setting": setting, "val/mIoU": base, "val/mIoU_crf": miou}))
         _log_to_wandb_run({"val/mIoU": base, "val/mIoU_crf": miou, **{f"crf/{k}": v for k, v in setting.items()}})
         return 0
@@ -190,16 +130,9 @@ def main(argv: list[str]) -> int:
         raise UserError("give all three of crf.bi_w, crf.bi_xy_std, crf.bi_rgb_std for one setting, or none for the grid")
 
     fixed.update(single)
-    settings = grid({"bi_w": args.bi_w, "bi_xy_std": args.bi_xy_std, "bi_rgb_std": args.bi_rgb_std}, fixed)
-    rows = [dict(s, stage="coarse", miou=m) for s, m in zip(settings, evaluate_settings(data, settings, device))]
-    if not args.no_fine:
-        best = max(rows, key=lambda r: r["miou"])
-        seen = {(r["bi_w"], r["bi_xy_std"], r["bi_rgb_std"]) for r in rows}
-        fine = [s for s in grid(fine_ranges(best), fixed) if (s["bi_w"], s["bi_xy_std"], s["bi_rgb_std"]) not in seen]
-        rows += [dict(s, stage="fine", miou=m) for s, m in zip(fine, evaluate_settings(data, fine, device))]
-    rows.sort(key=lambda r: -r["miou"])
-    best = rows[0]
-    write_outputs(out, rows, best, base, len(data["entries"]))
+    ranges = {"bi_w": args.bi_w, "bi_xy_std": args.bi_xy_std, "bi_rgb_std": args.bi_rgb_std}
+    result = coarse_to_fine(entries, num_classes, fixed, device, ranges, fine=not args.no_fine)
+    write_outputs(out, result.rows, result.rows[0], base, result.images)
     return 0
 
 

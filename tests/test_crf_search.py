@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from deeplab_lit.crf_search import confusion, fine_ranges, grid, miou_from_confusion
+from deeplab_lit.crf_validation import confusion, fine_ranges, grid, miou_from_confusion
 from test_fit import cli, run_fit
 
 

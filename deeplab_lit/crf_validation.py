@@ -1,0 +1,128 @@
+"""The papers' cross-validation of the dense CRF's parameters, as a library (the CRF search command and
+`fit`'s `crf.search` protocol use it).
+
+v1 Sec. 4.1 / v2 Sec. 4.1: "we cross-validate the CRF parameters ... We use default values of w2 = 3 and
+σγ = 3 and we search for the best values of w1, σα, and σβ by cross-validation on 100 images from val.
+We employ a coarse-to-fine search scheme. The initial search range of the parameters are w1 ∈ [3 : 6],
+σα ∈ [30 : 10 : 100] and σβ ∈ [3 : 6] ..., and then we refine the search step sizes around the first
+round's best values. We employ 10 mean field iterations." (w2 and σγ are the row's own values here.)
+
+Choices where the papers are silent:
+- which 100 images: evenly spaced over the val list (indices round(i (N - 1) / 99)), so the subset spans
+  the split rather than its first ids;
+- the coarse grid covers v1's and v2's ranges together (w1 3..10, σα 30..120 step 10, σβ 3..10), the fine
+  grid steps w1 by 0.5, σα by 5, σβ by 1 (two steps either side of the coarse best);
+- the score is the mIoU of one confusion matrix over the search images (as every metric here).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+COARSE = {"bi_w": [3, 4, 5, 6, 8, 10], "bi_xy_std": list(range(30, 121, 10)), "bi_rgb_std": [3, 4, 5, 6, 8, 10]}
+FINE_STEPS = {"bi_w": 0.5, "bi_xy_std": 5.0, "bi_rgb_std": 1.0}
+SEARCHED = ("bi_w", "bi_xy_std", "bi_rgb_std")
+FIXED = ("iterations", "pos_w", "pos_xy_std")
+
+
+def search_indices(length: int, images: int) -> list[int]:
+    """`images` indices spread evenly over a split of `length` images (all of them if fewer)."""
+    if images >= length:
+        return list(range(length))
+    if images == 1:
+        return [0]
+    return sorted({round(i * (length - 1) / (images - 1)) for i in range(images)})
+
+
+def confusion(labels: np.ndarray, masks: np.ndarray, num_classes: int) -> np.ndarray:
+    valid = masks != 255
+    index = num_classes * masks[valid].astype(np.int64) + labels[valid].astype(np.int64)
+    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def miou_from_confusion(matrix: np.ndarray) -> float:
+    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    present = union > 0
+    return float((np.diag(matrix)[present] / union[present]).mean())
+
+
+def grid(ranges: dict, fixed: dict) -> list[dict]:
+    keys = list(ranges)
+    return [{**fixed, **dict(zip(keys, values))} for values in itertools.product(*(ranges[k] for k in keys))]
+
+
+def fine_ranges(best: dict) -> dict:
+    return {
+        key: sorted({max(step, round(best[key] + k * step, 3)) for k in (-2, -1, 0, 1, 2)})
+        for key, step in FINE_STEPS.items()
+    }
+
+
+@torch.no_grad()
+def collect_unaries(model, dataset, protocol, indices, device) -> list[dict]:
+    """The network's probabilities (float16), RGB and mask of each image of `indices`."""
+    from rich.progress import track
+
+    from deeplab_lit.inference import predict_probs
+
+    entries = []
+    for index in track(indices, description="CRF search: probabilities", transient=True):
+        item = dataset[index]
+        probs = predict_probs(model, item["image"][None].to(device), protocol)[0]
+        entries.append({"probs": probs.half().cpu(), "rgb": torch.as_tensor(item["rgb"]), "mask": item["mask"]})
+    return entries
+
+
+def evaluate_settings(entries: list[dict], num_classes: int, settings: list[dict], device) -> list[float]:
+    """mIoU of every setting over the entries (lattices shared across settings per image)."""
+    from deeplab_lit.crf import dense_crf_many
+
+    matrices = [np.zeros((num_classes, num_classes), np.int64) for _ in settings]
+    for entry in entries:
+        probs = entry["probs"].float()[None].to(device)
+        probs = probs / probs.sum(1, keepdim=True)  # float16 storage: renormalise exactly
+        labels = dense_crf_many(probs, entry["rgb"][None].to(device), settings, output="labels")
+        mask = entry["mask"].numpy()
+        for matrix, label in zip(matrices, labels):
+            matrix += confusion(label[0].cpu().numpy(), mask, num_classes)
+    return [miou_from_confusion(m) for m in matrices]
+
+
+def baseline_miou(entries: list[dict], num_classes: int) -> float:
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    for entry in entries:
+        matrix += confusion(entry["probs"].float().argmax(0).numpy(), entry["mask"].numpy(), num_classes)
+    return miou_from_confusion(matrix)
+
+
+@dataclass
+class SearchResult:
+    images: int
+    best: dict  # the six CRF parameters found
+    best_miou: float  # on the search images
+    miou_without_crf: float  # on the search images
+    rows: list[dict] = field(default_factory=list)  # every setting: stage, parameters, miou; best first
+
+    def record(self) -> dict:
+        return {"images": self.images, "best": self.best, "best_miou": self.best_miou,
+                "miou_without_crf": self.miou_without_crf, "settings": len(self.rows)}
+
+
+def coarse_to_fine(entries: list[dict], num_classes: int, fixed: dict, device, ranges: dict | None = None,
+                   fine: bool = True) -> SearchResult:
+    """The coarse grid over w1, σα, σβ (w2, σγ, iterations in `fixed`), then the fine grid around its best."""
+    settings = grid(ranges or COARSE, fixed)
+    rows = [dict(s, stage="coarse", miou=m) for s, m in zip(settings, evaluate_settings(entries, num_classes,
+                                                                                          settings, device))]
+    if fine:
+        best = max(rows, key=lambda r: r["miou"])
+        seen = {tuple(r[k] for k in SEARCHED) for r in rows}
+        extra = [s for s in grid(fine_ranges(best), fixed) if tuple(s[k] for k in SEARCHED) not in seen]
+        rows += [dict(s, stage="fine", miou=m) for s, m in zip(extra, evaluate_settings(entries, num_classes, extra,
+                                                                                         device))]
+    rows.sort(key=lambda r: -r["miou"])
+    best = {k: rows[0][k] for k in (*FIXED, *SEARCHED)}
+    return SearchResult(len(entries), best, rows[0]["miou"], baseline_miou(entries, num_classes), rows)
