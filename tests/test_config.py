@@ -12,24 +12,36 @@ from deeplab_lit.config.help import key_rows
 from deeplab_lit.errors import UserError
 
 # id: the keys that define the row, as docs/papers.md states them.
-V1 = dict(generation="v1", backbone="vgg16", head="fc", output_stride=8, crop=321, batch=20, lr=0.001, steps=6000)
+V1 = dict(generation="v1", backbone="vgg16", head="fc", output_stride=8, crop=321, batch=20, lr=0.001, steps=6000,
+          loss_at="logits", canvas=[513, 513])
 V2_VGG = dict(generation="v2", backbone="vgg16", head="fc", fc6_width=1024, fc6_kernel=3, output_stride=8, crop=321,
-              batch=10, lr=0.001, steps=20000, scale=[0.5, 1.5])
+              batch=10, lr=0.001, steps=20000, scale=[1.0, 1.0], loss_at="logits")
 V2_R101 = dict(generation="v2", backbone="resnet101", output_stride=8, crop=321, batch=10, lr=0.00025, steps=20000,
-               bn="frozen")
+               bn="frozen", loss_at="logits", msc_sizes="caffe")
 V3 = dict(generation="v3", backbone="resnet101", output_stride=16, crop=513, batch=16, lr=0.007, steps=30000,
-          scale=[0.5, 2.0], bn="finetune")
+          scale=[0.5, 2.0], scale_step=0.25, bn="finetune", loss_at="input", canvas=[513, 513])
+BLOCK7 = dict(V3, head="classifier", cascade_blocks=3)
 ROWS = {
-    "v1_7x7": {**V1, "fc6_kernel": 7, "aspp_rates": [4], "fc6_width": 4096, "miou": 64.38, "miou_crf": 67.64},
-    "v1_4x4": {**V1, "fc6_kernel": 4, "aspp_rates": [4], "fc6_width": 4096, "miou": 59.80, "miou_crf": 63.74},
-    "v1_4x4_r8": {**V1, "fc6_kernel": 4, "aspp_rates": [8], "fc6_width": 4096, "miou": 63.41, "miou_crf": 67.14},
-    "largefov": {**V1, "fc6_kernel": 3, "aspp_rates": [12], "fc6_width": 1024, "miou": 62.25, "miou_crf": 67.64},
-    "v1_msc": {**V1, "fc6_kernel": 4, "aspp_rates": [4], "msc_features": True, "miou": 61.30, "miou_crf": 65.21},
+    "v1_7x7": {**V1, "fc6_kernel": 7, "aspp_rates": [4], "fc6_width": 4096, "crf_search": True, "miou": 64.38,
+               "miou_crf": 67.64},
+    "v1_4x4": {**V1, "fc6_kernel": 4, "aspp_rates": [4], "fc6_width": 4096, "crf_search": True, "miou": 59.80,
+               "miou_crf": 63.74},
+    "v1_4x4_r8": {**V1, "fc6_kernel": 4, "aspp_rates": [8], "fc6_width": 4096, "crf_search": True, "miou": 63.41,
+                  "miou_crf": 67.14},
+    "largefov": {**V1, "fc6_kernel": 3, "aspp_rates": [12], "fc6_width": 1024, "batch": 30, "pool5_avg": True,
+                 "crf_search": False, "miou": 62.25, "miou_crf": 67.64},
+    "v1_msc": {**V1, "fc6_kernel": 4, "aspp_rates": [4], "msc_features": True, "pretrained": "run:v1_4x4",
+               "trainable": ["head.msc", "head.branches.0.fc8"], "crf_search": True, "miou": 61.30, "miou_crf": 65.21},
     "v1_msc_largefov": {**V1, "fc6_kernel": 3, "aspp_rates": [12], "fc6_width": 1024, "msc_features": True,
+                        "batch": 30, "pool5_avg": True, "pretrained": "run:largefov", "crf_search": True,
                         "miou": 64.21, "miou_crf": 68.70},
-    "v2_largefov": {**V2_VGG, "aspp_rates": [12], "miou": 65.76, "miou_crf": 69.84},
-    "aspp_s": {**V2_VGG, "aspp_rates": [2, 4, 8, 12], "miou": 66.98, "miou_crf": 69.73},
-    "aspp_l": {**V2_VGG, "aspp_rates": [6, 12, 18, 24], "miou": 68.96, "miou_crf": 71.57},
+    "v2_largefov": {**V2_VGG, "aspp_rates": [12], "pool5_avg": True, "crf_search": False, "miou": 65.76,
+                    "miou_crf": 69.84},
+    "v2_largefov_poly_b30_6k": {**V2_VGG, "aspp_rates": [12], "batch": 30, "steps": 6000, "miou": 63.42},
+    "v2_largefov_poly_b30_10k": {**V2_VGG, "aspp_rates": [12], "batch": 30, "steps": 10000, "miou": 64.90},
+    "v2_largefov_poly_b10_10k": {**V2_VGG, "aspp_rates": [12], "batch": 10, "steps": 10000, "miou": 64.71},
+    "aspp_s": {**V2_VGG, "aspp_rates": [2, 4, 8, 12], "crf_search": True, "miou": 66.98, "miou_crf": 69.73},
+    "aspp_l": {**V2_VGG, "aspp_rates": [6, 12, 18, 24], "crf_search": True, "miou": 68.96, "miou_crf": 71.57},
     "v2_r101": {**V2_R101, "head": "classifier", "msc_scales": [], "scale": [1.0, 1.0], "miou": 68.72},
     "v2_r101_msc": {**V2_R101, "head": "classifier", "msc_scales": [1.0, 0.75, 0.5], "scale": [1.0, 1.0],
                     "miou": 71.27},
@@ -62,11 +74,35 @@ ROWS = {
            "cascade_blocks": 0, "miou": 77.21},
     "v3_train_os8": {**V3, "output_stride": 8, "batch": 6, "eval_os": 16, "miou": 74.45},
     "v3_train_os32": {**V3, "output_stride": 32, "batch": 24, "eval_os": 16, "miou": 75.90},
-    "cityscapes_v3": {"generation": "v3", "data": "cityscapes", "crop": 769, "steps": 90000, "miou": 77.23},
+    "cityscapes_v3": {"generation": "v3", "data": "cityscapes", "crop": 769, "batch": 16, "steps": 90000,
+                      "canvas": [1025, 2049], "miou": 77.23},
     "v3plus": {**V3, "generation": "v3plus", "decoder_channels": 48, "decoder_convs": 2, "miou": 78.85},
     "v3plus_1conv": {**V3, "generation": "v3plus", "decoder_channels": 48, "decoder_convs": 1, "miou": 78.21},
     "v3plus_train_os32": {"generation": "v3plus", "output_stride": 32, "miou": 77.37},
-    "cityscapes_v3plus": {"generation": "v3plus", "data": "cityscapes", "crop": 769, "steps": 90000},
+    "cityscapes_v3plus": {"generation": "v3plus", "data": "cityscapes", "crop": 769, "batch": 16, "steps": 90000,
+                          "canvas": [1025, 2049]},
+    # v3 Table 1 beyond output stride 32; Table 2; Table 3's other columns; Tables 8 and 9; Table 6 COCO
+    **{f"v3_r50_block7_os{os_}": {**BLOCK7, "backbone": "resnet50", "output_stride": os_, "multi_grid": [1, 1, 1],
+                                  "miou": miou} for os_, miou in [(64, 59.99), (128, 42.34), (256, 20.29)]},
+    **{f"v3_r50_block{b}": {**BLOCK7, "backbone": "resnet50", "cascade_blocks": b - 4, "multi_grid": [1, 1, 1],
+                            "miou": miou} for b, miou in [(4, 64.81), (5, 72.14), (6, 74.29)]},
+    **{f"v3_block{b}_mg{''.join(map(str, mg))}": {**BLOCK7, "cascade_blocks": b - 4, "multi_grid": list(mg),
+                                                   "miou": miou}
+       for mg, values in [((1, 1, 1), (68.39, 73.21, 75.34)), ((1, 2, 1), (70.23, 75.67, 76.09)),
+                          ((1, 2, 3), (73.14, 75.78, 75.96)), ((1, 2, 4), (73.45, 75.74, 75.85)),
+                          ((2, 2, 2), (71.45, 74.30, 74.70))]
+       for b, miou in zip((4, 5, 6), values)},
+    "v3_no_bn_finetune": {**V3, "head": "aspp", "bn": "frozen_stats", "miou": 75.95},
+    "v3_downsample_gt": {**V3, "head": "aspp", "loss_at": "logits", "miou": 76.01},
+    "v3_crop321": {**V3, "head": "aspp", "crop": 321, "miou": 67.22},
+    "v3_batch4": {**V3, "head": "aspp", "batch": 4, "miou": 64.43},
+    "v3_batch8": {**V3, "head": "aspp", "batch": 8, "miou": 75.76},
+    "v3_batch12": {**V3, "head": "aspp", "batch": 12, "miou": 76.49},
+    "v3_coco": {**V3, "head": "aspp", "lr": 0.0001, "miou": None},
+    "v3plus_1conv_128": {**V3, "generation": "v3plus", "decoder_convs": 1, "decoder_width": 128, "miou": 77.25},
+    "v3plus_1conv_1x1": {**V3, "generation": "v3plus", "decoder_convs": 1, "decoder_kernel": 1, "miou": 78.07},
+    "v3plus_conv2_conv3": {**V3, "generation": "v3plus", "decoder_convs": 1,
+                           "decoder_features": ["layer2", "layer1"], "miou": 78.61},
 }
 
 GETTERS = {
@@ -78,6 +114,12 @@ GETTERS = {
     "msc_features": lambda c: c.model.msc_features, "msc_scales": lambda c: list(c.model.msc_scales),
     "decoder_channels": lambda c: c.model.decoder_channels, "decoder_convs": lambda c: c.model.decoder_convs,
     "bn": lambda c: c.model.bn, "crop": lambda c: c.data.crop_size, "batch": lambda c: c.data.batch_size,
+    "loss_at": lambda c: c.optim.loss_at, "canvas": lambda c: list(c.eval.canvas),
+    "scale_step": lambda c: c.data.scale_step, "pool5_avg": lambda c: c.model.pool5_avg,
+    "msc_sizes": lambda c: c.model.msc_sizes, "pretrained": lambda c: c.model.pretrained,
+    "trainable": lambda c: list(c.model.trainable), "crf_search": lambda c: c.crf.search,
+    "decoder_width": lambda c: c.model.decoder_width, "decoder_kernel": lambda c: c.model.decoder_kernel,
+    "decoder_features": lambda c: list(c.model.decoder_features),
     "scale": lambda c: list(c.data.scale_range), "data": lambda c: c.data.name, "lr": lambda c: c.optim.lr,
     "steps": lambda c: c.trainer["max_steps"], "crf": lambda c: c.crf.enabled,
     "eval_mode": lambda c: c.eval.mode, "eval_os": lambda c: c.eval.output_stride,
@@ -98,7 +140,15 @@ def test_experiment_matches_paper_row(name):
 
 
 def test_recipes_per_generation():
-    v1, v2v, v2r, v3 = (load_experiment(n) for n in ["largefov", "aspp_l", "v2_r101_aspp", "v3"])
+    # CRF values: the released models' where they were released (LargeFOV v1, DeepLabv2_VGG16 = v2 LargeFOV,
+    # DeepLabv2_ResNet101 = v2 ASPP-L); the paper's cross-validation in fit for the other rows
+    v1, v2v, v2r, v3 = (load_experiment(n) for n in ["largefov", "v2_largefov", "v2_r101_aspp", "v3"])
+    assert (v1.crf.bi_w, v1.crf.bi_xy_std, v1.crf.bi_rgb_std, v1.crf.pos_w, v1.crf.pos_xy_std) == (4, 121, 5, 3, 3)
+    searched = [n for n in list_experiments() if load_experiment(n).crf.search and load_experiment(n).crf.enabled]
+    assert sorted(searched) == ["aspp_l", "aspp_s", "cityscapes_v2_r101_aspp_aug", "v1_4x4", "v1_4x4_r8", "v1_7x7",
+                                "v1_msc", "v1_msc_largefov"]
+    assert all((load_experiment(n).crf.pos_w, load_experiment(n).crf.pos_xy_std) == (3, 3) for n in searched
+               if n.startswith(("v1", "aspp")))  # v1 Sec. 4.1 / v2 Sec. 4.1.1: w2 = 3, sigma_gamma = 3
     assert (v1.optim.schedule, v1.optim.step_size, v1.optim.step_gamma) == ("step", 2000, 0.1)
     assert (v1.optim.new_lr_mult, v1.optim.bias_lr_mult, v1.optim.weight_decay) == (10, 2, 0.0005)
     assert (v2v.optim.schedule, v2v.optim.poly_power) == ("poly", 0.9)
@@ -120,7 +170,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.output_stride=12", 'config key "model.output_stride": expected one of [8, 16, 32]. Got value: 12'),
+        ("model.output_stride=12", 'config key "model.output_stride": expected one of [8, 16, 32, 64, 128, 256]. Got value: 12'),
         ("model.outptu_stride=8", "unknown config key 'model.outptu_stride' (did you mean 'model.output_stride'?)"),
         ("trainer.max_step=3", "unknown config key 'trainer.max_step': not an argument of lightning.Trainer (did you mean 'trainer.max_steps'?)"),
         ("model.multi_grid=[1, 2]", "model.multi_grid=[1, 2]: needs three rates (r1, r2, r3)"),
@@ -233,7 +283,7 @@ def test_help_lists_every_key_with_type_default_and_doc():
         line = next((line for line in result.stdout.splitlines() if line.strip().startswith(f"--{key} ")), None)
         assert line is not None, key
     rows = {row[0]: row for row in key_rows()}
-    assert rows["model.output_stride"][1:4] == ("8|16|32", "16", "run")
+    assert rows["model.output_stride"][1:4] == ("8|16|32|64|128|256", "16", "run")
     assert rows["model.backbone"][1] == "vgg16|resnet50|resnet101" and rows["data.name"][1].startswith("voc|voc_aug")
     assert rows["crf.bi_xy_std"][1:4] == ("float", "67.0", "evaluation") and rows["crf.bi_xy_std"][4]
     assert all(row[4] for row in rows.values()), [k for k, r in rows.items() if not r[4]]

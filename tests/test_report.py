@@ -130,8 +130,9 @@ def test_protocol_rows_overrides_and_notes(runs):
     records = report.load_local(runs)
     tables = by_id(report.build_report(records))
     inference = tables["v3_table6_inference"]
-    assert [r.cells[0].mean for r in inference.rows] == pytest.approx([77.2, 78.6, 79.1, 79.5])
-    assert [r.cells[0].paper for r in inference.rows] == [77.21, 78.51, 79.45, 79.77]
+    # the COCO-pretrained row (v3_coco) has no run in this directory: its cell stays empty beside the paper's
+    assert [r.cells[0].mean for r in inference.rows] == pytest.approx([77.2, 78.6, 79.1, 79.5, None])
+    assert [r.cells[0].paper for r in inference.rows] == [77.21, 78.51, 79.45, 79.77, 82.70]
     assert inference.agreements[0].agrees
     # each metric's protocol as the summary records it
     v3 = next(r for r in records if r.experiment == "v3")
@@ -146,7 +147,10 @@ def test_protocol_rows_overrides_and_notes(runs):
     assert [(r.row.label, r.cells[0].mean, r.cells[0].paper) for r in decoder if r.runs] == [
         ("1x1 width 8", pytest.approx(77.5), 77.61), ("1x1 width 48", pytest.approx(78.1), 78.21)]
     assert decoder[0].notes == []  # the row's own key is not a recipe change
-    one, two, three = tables["v3plus_table2_decoder_convs"].rows
+    one, two, three, *variants = tables["v3plus_table2_decoder_convs"].rows
+    assert [r.row.label for r in variants] == ["one [3x3, 128]", "one [1x1, 256]",
+                                               "Conv3 + Conv2, one [3x3, 256] each"]
+    assert all(r.runs == [] and r.cells[0].paper is not None for r in variants)
     assert one.cells[0].mean == pytest.approx(78.1) and one.cells[0].paper == 78.21
     assert two.cells[0].values == pytest.approx([77.9, 78.7]) and two.cells[0].paper == 78.85  # two experiments
     assert {r.experiment for r in two.runs} == {"v3plus_1conv", "v3plus"} and three.runs == []

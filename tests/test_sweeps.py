@@ -39,19 +39,21 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 # as (name, output stride, number of scales, flip).
 
 V1_CRF = {"crf.enabled": True, "crf.bi_w": 4, "crf.bi_xy_std": 121, "crf.bi_rgb_std": 5, "crf.pos_w": 3,
-          "crf.pos_xy_std": 3}
+          "crf.pos_xy_std": 3, "crf.search": False}  # the released LargeFOV model's values
+SEARCHED_CRF = {"crf.enabled": True, "crf.pos_w": 3, "crf.pos_xy_std": 3, "crf.search": True, "crf.search_images": 100}
 V2_VGG_CRF = {"crf.enabled": True, "crf.bi_w": 4, "crf.bi_xy_std": 65, "crf.bi_rgb_std": 3, "crf.pos_w": 2,
-              "crf.pos_xy_std": 2}
+              "crf.pos_xy_std": 2, "crf.search": False}  # the released DeepLabv2_VGG16 (LargeFOV) model's values
 V2_R101_CRF = {"crf.enabled": True, "crf.bi_w": 4, "crf.bi_xy_std": 67, "crf.bi_rgb_std": 3, "crf.pos_w": 3,
                "crf.pos_xy_std": 1}
-V1 = {"model.backbone": "vgg16", "model.output_stride": 8, "data.batch_size": 20, "trainer.max_steps": 6000}
-V2_VGG = {"model.backbone": "vgg16", "model.head": "fc", "data.batch_size": 10, "data.scale_range": [0.5, 1.5],
-          "trainer.max_steps": 20000}
+V1 = {"model.backbone": "vgg16", "model.output_stride": 8, "data.batch_size": 20, "trainer.max_steps": 6000,
+      "optim.loss_at": "logits", "eval.canvas": [513, 513]}
+V2_VGG = {"model.backbone": "vgg16", "model.head": "fc", "data.batch_size": 10, "data.scale_range": [1.0, 1.0],
+          "trainer.max_steps": 20000, "optim.loss_at": "logits"}
 V2_R101 = {"model.backbone": "resnet101", "model.output_stride": 8, "model.bn": "frozen", "data.batch_size": 10,
            "optim.lr": 0.00025, "trainer.max_steps": 20000}
 MSC = [1.0, 0.75, 0.5]
 V3 = {"model.backbone": "resnet101", "model.output_stride": 16, "data.crop_size": 513, "data.batch_size": 16,
-      "optim.lr": 0.007, "trainer.max_steps": 30000}
+      "optim.lr": 0.007, "trainer.max_steps": 30000, "data.scale_step": 0.25, "eval.canvas": [513, 513]}
 BLOCK7 = {**V3, "model.cascade_blocks": 3, "model.head": "classifier"}
 V3_ASPP = {**V3, "model.head": "aspp", "model.cascade_blocks": 0, "model.image_pooling": False}
 SIX = 6  # scales 0.5 ... 1.75
@@ -63,32 +65,35 @@ def cell(experiment, **values):
 
 def fov_cells():
     return [
-        cell("v1_7x7", **V1, **V1_CRF, model__fc6_kernel=7, model__aspp_rates=[4], model__fc6_width=4096,
+        cell("v1_7x7", **V1, **SEARCHED_CRF, model__fc6_kernel=7, model__aspp_rates=[4], model__fc6_width=4096,
              paper__miou=64.38, paper__miou_crf=67.64),
-        cell("v1_4x4", **V1, **V1_CRF, model__fc6_kernel=4, model__aspp_rates=[4], model__fc6_width=4096,
+        cell("v1_4x4", **V1, **SEARCHED_CRF, model__fc6_kernel=4, model__aspp_rates=[4], model__fc6_width=4096,
              model__msc_features=False, paper__miou=59.80, paper__miou_crf=63.74),
-        cell("v1_4x4_r8", **V1, **V1_CRF, model__fc6_kernel=4, model__aspp_rates=[8], model__fc6_width=4096,
+        cell("v1_4x4_r8", **V1, **SEARCHED_CRF, model__fc6_kernel=4, model__aspp_rates=[8], model__fc6_width=4096,
              paper__miou=63.41, paper__miou_crf=67.14),
-        cell("largefov", **V1, **V1_CRF, model__fc6_kernel=3, model__aspp_rates=[12], model__fc6_width=1024,
-             model__msc_features=False, paper__miou=62.25, paper__miou_crf=67.64),
+        cell("largefov", **{**V1, "data.batch_size": 30}, **V1_CRF, model__fc6_kernel=3, model__aspp_rates=[12],
+             model__fc6_width=1024, model__pool5_avg=True, model__msc_features=False, paper__miou=62.25,
+             paper__miou_crf=67.64),
     ]
 
 
 def msc_cells():
     return [
-        cell("v1_msc", **V1, **V1_CRF, model__fc6_kernel=4, model__aspp_rates=[4], model__msc_features=True,
-             paper__miou=61.30, paper__miou_crf=65.21),
-        cell("v1_msc_largefov", **V1, **V1_CRF, model__fc6_kernel=3, model__aspp_rates=[12], model__fc6_width=1024,
-             model__msc_features=True, paper__miou=64.21, paper__miou_crf=68.70),
+        cell("v1_msc", **V1, **SEARCHED_CRF, model__fc6_kernel=4, model__aspp_rates=[4], model__msc_features=True,
+             model__pretrained="run:v1_4x4", paper__miou=61.30, paper__miou_crf=65.21),
+        cell("v1_msc_largefov", **{**V1, "data.batch_size": 30}, **SEARCHED_CRF, model__fc6_kernel=3,
+             model__aspp_rates=[12], model__fc6_width=1024, model__msc_features=True, model__pretrained="run:largefov",
+             paper__miou=64.21, paper__miou_crf=68.70),
     ]
 
 
 def aspp_cells():
     return [
-        cell("v2_largefov", **V2_VGG, **V2_VGG_CRF, model__aspp_rates=[12], paper__miou=65.76, paper__miou_crf=69.84),
-        cell("aspp_s", **V2_VGG, **V2_VGG_CRF, model__aspp_rates=[2, 4, 8, 12], paper__miou=66.98,
+        cell("v2_largefov", **V2_VGG, **V2_VGG_CRF, model__aspp_rates=[12], model__pool5_avg=True, paper__miou=65.76,
+             paper__miou_crf=69.84),
+        cell("aspp_s", **V2_VGG, **SEARCHED_CRF, model__aspp_rates=[2, 4, 8, 12], paper__miou=66.98,
              paper__miou_crf=69.73),
-        cell("aspp_l", **V2_VGG, **V2_VGG_CRF, model__aspp_rates=[6, 12, 18, 24], paper__miou=68.96,
+        cell("aspp_l", **V2_VGG, **SEARCHED_CRF, model__aspp_rates=[6, 12, 18, 24], paper__miou=68.96,
              paper__miou_crf=71.57),
     ]
 
@@ -120,7 +125,9 @@ def v3_cell(**extra):
 
 
 V3PLUS_PROTOCOLS = [("", 16, 1, False), ("ms", 16, SIX, False), ("ms_flip", 16, SIX, True), ("os8", 8, 1, False),
-                    ("os8_ms_flip", 8, SIX, True)]
+                    ("os8_ms", 8, SIX, False), ("os8_ms_flip", 8, SIX, True)]
+V3_TABLE3 = {(1, 1, 1): (68.39, 73.21, 75.34), (1, 2, 1): (70.23, 75.67, 76.09), (1, 2, 3): (73.14, 75.78, 75.96),
+             (1, 2, 4): (73.45, 75.74, 75.85), (2, 2, 2): (71.45, 74.30, 74.70)}
 
 EXPECTED = {
     "fov.yaml": fov_cells(),
@@ -136,14 +143,14 @@ EXPECTED = {
         cell("cityscapes_v2_r101_aspp", data__name="cityscapes", model__head="atrous_classifier",
              model__aspp_rates=[6, 12, 18, 24], data__scale_range=[1.0, 1.0], eval__mode="slide", paper__miou=70.4),
         cell("cityscapes_v2_r101_aspp_aug", data__name="cityscapes", model__aspp_rates=[6, 12, 18, 24],
-             data__scale_range=[0.5, 1.5], crf__enabled=True, eval__mode="slide", paper__miou=71.0,
+             data__scale_range=[0.5, 1.5], crf__enabled=True, crf__search=True, eval__mode="slide", paper__miou=71.0,
              paper__miou_crf=71.4),
         cell("cityscapes_v3", data__name="cityscapes", model__generation="v3", data__crop_size=769,
-             trainer__max_steps=90000, paper__miou=77.23,
+             data__batch_size=16, trainer__max_steps=90000, eval__canvas=[1025, 2049], paper__miou=77.23,
              protocols=[("", 16, 1, False), ("os8", 8, 1, False), ("os8_ms", 8, 3, False),
                         ("os8_ms_flip", 8, 3, True)]),
         cell("cityscapes_v3plus", data__name="cityscapes", model__generation="v3plus", data__crop_size=769,
-             trainer__max_steps=90000, paper__miou=None),
+             data__batch_size=16, trainer__max_steps=90000, eval__canvas=[1025, 2049], paper__miou=None),
     ],
     "multi_grid.yaml": [
         *[cell(f"v3_block7_mg{''.join(map(str, mg))}", **BLOCK7, model__multi_grid=mg, paper__miou=miou)
@@ -158,20 +165,24 @@ EXPECTED = {
     "output_stride.yaml": [
         *[cell(f"v3_r50_block7_os{os_}", **{**BLOCK7, "model.backbone": "resnet50", "model.output_stride": os_},
                model__multi_grid=[1, 1, 1], eval__output_stride=None, paper__miou=miou)
-          for os_, miou in [(8, 75.18), (16, 73.88), (32, 70.06)]],
+          for os_, miou in [(8, 75.18), (16, 73.88), (32, 70.06), (64, 59.99), (128, 42.34), (256, 20.29)]],
         cell("v3_train_os8", **{**V3, "model.output_stride": 8, "data.batch_size": 6}, paper__miou=74.45,
              paper__metrics={"val/mIoU_os8": 75.62}, protocols=[("", 16, 1, False), ("os8", 8, 1, False)]),
         cell("v3_train_os32", **{**V3, "model.output_stride": 32, "data.batch_size": 24}, paper__miou=75.90,
-             paper__metrics={"val/mIoU_os8": 75.75}, protocols=[("", 16, 1, False), ("os8", 8, 1, False)]),
+             paper__metrics={"val/mIoU_os8": 75.75, "val/mIoU_os32": 75.43},
+             protocols=[("", 16, 1, False), ("os8", 8, 1, False), ("os32", 32, 1, False)]),
     ],
     "inference.yaml": [
         v3_cell(paper__metrics={"val/mIoU_os8": 78.51, "val/mIoU_os8_ms": 79.45, "val/mIoU_os8_ms_flip": 79.77}),
         cell("v3plus", **V3, model__generation="v3plus", model__decoder_channels=48, model__decoder_convs=2,
              paper__miou=78.85, protocols=V3PLUS_PROTOCOLS,
              paper__metrics={"val/mIoU_ms": 80.09, "val/mIoU_ms_flip": 80.22, "val/mIoU_os8": 79.35,
-                             "val/mIoU_os8_ms_flip": 80.57}),
+                             "val/mIoU_os8_ms": 80.43, "val/mIoU_os8_ms_flip": 80.57}),
         cell("v3plus_train_os32", model__generation="v3plus", model__output_stride=32, paper__miou=77.37,
-             protocols=[("", 32, 1, False)]),
+             paper__metrics={"val/mIoU_os16": 77.80, "val/mIoU_os8": 77.92},
+             protocols=[("", 32, 1, False), ("os16", 16, 1, False), ("os8", 8, 1, False)]),
+        cell("v3_coco", **V3_ASPP, model__image_pooling=True, optim__lr=0.0001,
+             paper__metrics={"val/mIoU_os8_ms_flip": 82.70}, protocols=[("", 16, 1, False), ("os8_ms_flip", 8, SIX, True)]),
     ],
     "decoder.yaml": [
         cell("v3plus_1conv", **V3, model__generation="v3plus", model__decoder_channels=width, model__decoder_convs=1,
@@ -181,6 +192,34 @@ EXPECTED = {
     "decoder_convs.yaml": [  # one conv: decoder.yaml's 48-wide cell; two: v3plus in inference.yaml
         cell("v3plus_1conv", **V3, model__generation="v3plus", model__decoder_channels=48, model__decoder_convs=3,
              **{"paper.metrics.decoder_convs_3": 78.02}),
+    ],
+    "decoder_variants.yaml": [
+        cell("v3plus_1conv_128", **V3, model__generation="v3plus", model__decoder_convs=1, model__decoder_width=128,
+             paper__miou=77.25),
+        cell("v3plus_1conv_1x1", **V3, model__generation="v3plus", model__decoder_convs=1, model__decoder_kernel=1,
+             paper__miou=78.07),
+        cell("v3plus_conv2_conv3", **V3, model__generation="v3plus", model__decoder_convs=1,
+             model__decoder_features=["layer2", "layer1"], paper__miou=78.61),
+    ],
+    "lr_recipe.yaml": [
+        cell(f"v2_largefov_poly_b{batch}_{steps // 1000}k", **{**V2_VGG, "data.batch_size": batch,
+                                                              "trainer.max_steps": steps},
+             model__aspp_rates=[12], optim__schedule="poly", crf__enabled=False, paper__miou=miou)
+        for batch, steps, miou in [(30, 6000, 63.42), (30, 10000, 64.90), (10, 10000, 64.71)]
+    ],
+    "cascade.yaml": [
+        *[cell(f"v3_r50_block{b}", **{**BLOCK7, "model.backbone": "resnet50", "model.cascade_blocks": b - 4},
+               model__multi_grid=[1, 1, 1], paper__miou=miou) for b, miou in [(4, 64.81), (5, 72.14), (6, 74.29)]],
+        *[cell(f"v3_block{b}_mg{''.join(map(str, mg))}", **{**BLOCK7, "model.cascade_blocks": b - 4},
+               model__multi_grid=list(mg), paper__miou=miou)
+          for mg, values in V3_TABLE3.items() for b, miou in zip((4, 5, 6), values)],
+    ],
+    "training.yaml": [
+        cell("v3_no_bn_finetune", **V3_ASPP, model__image_pooling=True, model__bn="frozen_stats", paper__miou=75.95),
+        cell("v3_downsample_gt", **V3_ASPP, model__image_pooling=True, optim__loss_at="logits", paper__miou=76.01),
+        cell("v3_crop321", **{**V3_ASPP, "data.crop_size": 321}, model__image_pooling=True, paper__miou=67.22),
+        *[cell(f"v3_batch{b}", **{**V3_ASPP, "data.batch_size": b}, model__image_pooling=True, paper__miou=miou)
+          for b, miou in [(4, 64.43), (8, 75.76), (12, 76.49)]],
     ],
 }
 
