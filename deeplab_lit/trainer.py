@@ -22,6 +22,8 @@ def build_trainer(spec: RunSpec, *, root_dir: Path, callbacks: Sequence = (), pl
     `trainer.devices` says otherwise; no checkpointing)."""
     import lightning as L
 
+    if spec.config.model.bn == "sync":
+        plugins = [*plugins, sync_batchnorm_plugin()]
     arguments = spec.trainer_arguments()
     if evaluation and "devices" not in spec.config.trainer:
         arguments["devices"] = 1
@@ -44,6 +46,23 @@ def build_trainer(spec: RunSpec, *, root_dir: Path, callbacks: Sequence = (), pl
         )
     except Exception as error:  # MisconfigurationException, ValueError, ...: Lightning's own words
         raise UserError(f"trainer arguments {dict(spec.config.trainer)}: {one_line(str(error))}") from None
+
+
+def sync_batchnorm_plugin():
+    """Lightning's SyncBatchNorm conversion, keeping the activation of timm's fused BatchNormAct2d layers
+    (Xception's stem, timm backbones), which torch's own `convert_sync_batchnorm` would drop."""
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+
+    from deeplab_lit.models.batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
+
+    class SyncBatchNormKeepingActivations(TorchSyncBatchNorm):
+        def apply(self, model):
+            return convert_sync_batchnorm(model)
+
+        def revert(self, model):
+            return revert_sync_batchnorm(model)
+
+    return SyncBatchNormKeepingActivations()
 
 
 def slurm_plugins() -> list:
@@ -71,15 +90,18 @@ def run_columns(spec: RunSpec, trainer) -> dict:
         "bn_mode": config.model.bn if config.model.backbone != "vgg16" else "none (VGG-16)",
         "effective_batch_size": config.data.batch_size * trainer.world_size
         * int(config.trainer.get("accumulate_grad_batches", 1) or 1),
-        "init_source": init_source(config.model.pretrained),
+        "init_source": init_source(config.model),
         "world_size": trainer.world_size,
         "precision": str(trainer.precision),
     }
 
 
-def init_source(pretrained: str) -> str:
+def init_source(model_cfg) -> str:
+    pretrained = model_cfg.pretrained
     if pretrained == "imagenet":
-        return "imagenet (torchvision)"
+        from deeplab_lit.models import imagenet_source
+
+        return f"imagenet ({imagenet_source(model_cfg.backbone)})"
     if pretrained == "none":
         return "random (no pre-training)"
     return f"file {pretrained}"

@@ -62,7 +62,8 @@ class ModelConfig(Section):
     """
 
     generation: str = key("v3", "DeepLab generation (its head layout and loss)", choices="models.GENERATIONS")
-    backbone: str = key("resnet101", "feature extractor", choices="models.BACKBONES")
+    backbone: str = key("resnet101", "feature extractor; timm:<name> = any timm model with a dilated output stride",
+                        choices="models.BACKBONES")
     output_stride: Literal[8, 16, 32] = key(16, "training output stride of the backbone (atrous beyond it)")
     multi_grid: tuple[int, ...] = key((1, 1, 1), "multi-grid (r1, r2, r3): unit rates of block4 and cascaded blocks")
     cascade_blocks: int = key(0, "copies of block4 appended as block5.. (v3 Tables 1-3); 0 = none")
@@ -80,8 +81,10 @@ class ModelConfig(Section):
     msc_scales: tuple[float, ...] = key((), "v2 MSC input pyramid, e.g. [1.0, 0.75, 0.5]; empty = off")
     decoder_channels: int = key(48, "v3+ decoder: 1x1 projection width of the stride-4 feature")
     decoder_convs: int = key(2, "v3+ decoder: number of 3x3 convs of 256 channels")
-    pretrained: str = key("none", "initialisation: imagenet (torchvision's file in the hub cache), none, or a PATH "
-                                  "to a state dict")
+    separable: bool = key(False, "depthwise separable 3x3 convs (depthwise, BN, ReLU, pointwise, BN, ReLU) in the "
+                                 "ASPP branches and the v3+ decoder (v3+ Table 5 'SC')")
+    pretrained: str = key("none", "initialisation: imagenet (torchvision's file in the torch hub cache; xception and "
+                                  "timm backbones: timm's in the Hugging Face cache), none, or a PATH to a state dict")
     bn: Literal["frozen", "finetune", "sync"] = key("finetune", "BatchNorm: frozen (running statistics and affine "
                                                                 "fixed), finetune, sync (across processes)")
     bn_momentum: float = key(0.0003, "BatchNorm momentum, PyTorch convention (TF decay 0.9997 = 0.0003)")
@@ -113,6 +116,8 @@ class OptimConfig(Section):
     new_lr_mult: float = key(1.0, "lr multiplier of newly initialised layers (classifier, ASPP, decoder)")
     bias_lr_mult: float = key(1.0, "extra lr multiplier of biases (Caffe's 2x in v1/v2)")
     bias_weight_decay: bool = key(False, "apply weight decay to biases and norm parameters")
+    depthwise_weight_decay: bool = key(True, "apply weight decay to depthwise conv weights (TF DeepLab's Xception "
+                                             "and separable convs: no)")
 
 
 @dataclass(frozen=True)

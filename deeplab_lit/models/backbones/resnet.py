@@ -70,6 +70,7 @@ class ResNetBackbone(nn.Module):
 
     out_channels = 2048
     low_level_channels = 256  # layer1
+    low_level_feature = "layer1"  # the v3+ decoder's stride-4 feature (TF: block1/unit_2/bottleneck_v1/conv3)
     pretrained_prefixes = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, depth: int = 101, *, output_stride: int = 16,
