@@ -72,9 +72,11 @@ def adopt_layout(live: nn.Module, reference: nn.Module, path: str = "") -> None:
         if mine is not None and theirs is not None and type(mine) is type(theirs):
             adopt_layout(mine, theirs, where)
         elif _stateless(mine) and _stateless(theirs):
-            if name in live._modules:
-                del live._modules[name]
-            setattr(live, name, copy.deepcopy(theirs))
+            if name in live._modules:  # in its place: a Sequential runs its children in order
+                live._modules[name] = copy.deepcopy(theirs)
+            else:  # a plain None attribute here
+                delattr(live, name)
+                setattr(live, name, copy.deepcopy(theirs))
         else:
             raise LayoutMismatch(f"{where}: {type(mine).__name__} vs {type(theirs).__name__}")
     for key, value in vars(reference).items():
@@ -214,7 +216,7 @@ class TimmBackbone(nn.Module):
         mean = tuple(getattr(pretrained_cfg, "mean", None) or (0.485, 0.456, 0.406))
         std = tuple(getattr(pretrained_cfg, "std", None) or (0.229, 0.224, 0.225))
         scale, shift = input_renormalisation(mean, std)
-        self.renormalise = not (torch.allclose(scale, torch.ones(())) and torch.allclose(shift, torch.zeros(())))
+        self.renormalise = (mean, std) != ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
         self.output_stride = output_stride
