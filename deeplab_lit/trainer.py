@@ -23,7 +23,9 @@ def build_trainer(spec: RunSpec, *, root_dir: Path, callbacks: Sequence = (), pl
     import lightning as L
 
     if spec.config.model.bn == "sync":
-        plugins = [*plugins, sync_batchnorm_plugin()]
+        from deeplab_lit.sync_batchnorm import SyncBatchNormKeepingActivations
+
+        plugins = [*plugins, SyncBatchNormKeepingActivations()]
     arguments = spec.trainer_arguments()
     if evaluation and "devices" not in spec.config.trainer:
         arguments["devices"] = 1
@@ -46,23 +48,6 @@ def build_trainer(spec: RunSpec, *, root_dir: Path, callbacks: Sequence = (), pl
         )
     except Exception as error:  # MisconfigurationException, ValueError, ...: Lightning's own words
         raise UserError(f"trainer arguments {dict(spec.config.trainer)}: {one_line(str(error))}") from None
-
-
-def sync_batchnorm_plugin():
-    """Lightning's SyncBatchNorm conversion, keeping the activation of timm's fused BatchNormAct2d layers
-    (Xception's stem, timm backbones), which torch's own `convert_sync_batchnorm` would drop."""
-    from lightning.pytorch.plugins import TorchSyncBatchNorm
-
-    from deeplab_lit.models.batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
-
-    class SyncBatchNormKeepingActivations(TorchSyncBatchNorm):
-        def apply(self, model):
-            return convert_sync_batchnorm(model)
-
-        def revert(self, model):
-            return revert_sync_batchnorm(model)
-
-    return SyncBatchNormKeepingActivations()
 
 
 def slurm_plugins() -> list:

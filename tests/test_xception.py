@@ -351,3 +351,16 @@ def test_fit_two_steps_of_v3plus_xception65_sc(tmp_path):
                      *[f"--{o}" for o in fast]]) == 0
     summary = json.loads((tmp_path / "run" / "checkpoints" / "summary.json").read_text())
     assert summary["steps"] == 2 and set(summary["metrics"]) >= {"val/mIoU", "val/mIoU_os8", "val/mIoU_os8_ms_flip"}
+
+
+def test_bn_sync_trains_with_the_activation_keeping_plugin(tmp_path):
+    import pickle
+
+    from deeplab_lit.config import resolve_experiment
+    from deeplab_lit.sync_batchnorm import SyncBatchNormKeepingActivations
+    from deeplab_lit.trainer import build_trainer
+
+    spec = resolve_experiment("v3plus_xception65_sc", ["model.bn=sync", "data.name=synthetic", "data.root="])
+    trainer = build_trainer(spec, root_dir=tmp_path, progress_bar=False)
+    assert isinstance(trainer._accelerator_connector._layer_sync, SyncBatchNormKeepingActivations)
+    assert isinstance(pickle.loads(pickle.dumps(trainer._accelerator_connector._layer_sync)), SyncBatchNormKeepingActivations)
