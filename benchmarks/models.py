@@ -6,7 +6,8 @@ One row per distinct network of the paper tables (rows that differ only in data,
 initialisation share a network, and v1's LargeFOV = v2's `v2_largefov`). GMACs = multiply-accumulates
 of convolutions and matrix products (torch.utils.flop_counter, deeplab_lit.models.complexity), batch 1,
 eval mode: for v2 MSC models that is all three scales. Counted at 513x513 and at the paper's crop
-(321 for v1/v2, 513 for v3/v3+). `@OS8` rows are the same weights evaluated at output stride 8.
+(321 for v1/v2, 513 for v3/v3+, 769 for the Cityscapes rows). `@OS8` rows are the same weights evaluated at
+output stride 8. `+SC`: separable convs in ASPP and decoder (v3+ Table 5).
 
 By default the models are built on the meta device: shapes and counts are exact (the test suite checks
 meta == cpu) and nothing is computed, so the table takes seconds. `--device cpu` runs real forwards.
@@ -29,6 +30,7 @@ VGG = dict(backbone="vgg16", output_stride=8, head="fc")
 R101_V2 = dict(generation="v2", backbone="resnet101", output_stride=8)
 MSC = [1.0, 0.75, 0.5]
 V3 = dict(generation="v3", backbone="resnet101", multi_grid=[1, 2, 4])
+X65 = dict(backbone="xception65", multi_grid=[1, 1, 1])
 
 # id: (model fields, paper crop, evaluation output stride or None)
 NETWORKS = {
@@ -63,6 +65,20 @@ NETWORKS = {
     "v3plus": (dict(V3, generation="v3plus"), 513, None),
     "v3plus @OS8": (dict(V3, generation="v3plus"), 513, 8),
     "v3plus_train_os32": (dict(V3, generation="v3plus", output_stride=32), 513, None),
+    # v3+ Table 5 (VOC) and Table 7 (a) (Cityscapes, crop 769) with the aligned Xception
+    "v3_xception65": (dict(X65, generation="v3"), 513, None),
+    "v3_xception65 @OS8": (dict(X65, generation="v3"), 513, 8),
+    "v3plus_xception65": (dict(X65, generation="v3plus"), 513, None),
+    "v3plus_xception65 @OS8": (dict(X65, generation="v3plus"), 513, 8),
+    "v3plus_xception65_sc": (dict(X65, generation="v3plus", separable=True), 513, None),
+    "v3plus_xception65_sc @OS8": (dict(X65, generation="v3plus", separable=True), 513, 8),
+    "cityscapes_v3plus_xception65_noip": (dict(X65, generation="v3plus", separable=True, image_pooling=False), 769,
+                                          None),
+    "cityscapes_v3plus_xception71": (dict(X65, generation="v3plus", separable=True, image_pooling=False,
+                                          backbone="xception71"), 769, None),
+    # beyond the papers: v3plus_timm with each backbone of sweeps/timm_backbones.yaml
+    **{f"v3plus_timm ({name})": (dict(generation="v3plus", backbone=name, multi_grid=[1, 1, 1]), 513, None)
+       for name in ("timm:resnet50d", "timm:resnest50d", "timm:regnety_032")},
 }
 
 
@@ -72,7 +88,7 @@ def measure(name: str, fields: dict, crop: int, eval_stride, device: str, num_cl
         model = build_model(cfg, num_classes)
     if eval_stride is not None:
         model.set_output_stride(eval_stride)
-    head = "decoder" if cfg.generation == "v3plus" else cfg.head
+    head = ("decoder" if cfg.generation == "v3plus" else cfg.head) + (" +SC" if cfg.separable else "")
     return {
         "id": name, "generation": cfg.generation, "backbone": cfg.backbone, "output_stride": model.output_stride,
         "head": head + (" +MSc" if cfg.msc_features else "") + (" +MSC" if cfg.msc_scales else ""),

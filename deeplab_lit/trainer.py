@@ -22,6 +22,10 @@ def build_trainer(spec: RunSpec, *, root_dir: Path, callbacks: Sequence = (), pl
     `trainer.devices` says otherwise; no checkpointing)."""
     import lightning as L
 
+    if spec.config.model.bn == "sync":
+        from deeplab_lit.sync_batchnorm import SyncBatchNormKeepingActivations
+
+        plugins = [*plugins, SyncBatchNormKeepingActivations()]
     arguments = spec.trainer_arguments()
     if evaluation and "devices" not in spec.config.trainer:
         arguments["devices"] = 1
@@ -71,15 +75,18 @@ def run_columns(spec: RunSpec, trainer) -> dict:
         "bn_mode": config.model.bn if config.model.backbone != "vgg16" else "none (VGG-16)",
         "effective_batch_size": config.data.batch_size * trainer.world_size
         * int(config.trainer.get("accumulate_grad_batches", 1) or 1),
-        "init_source": init_source(config.model.pretrained),
+        "init_source": init_source(config.model),
         "world_size": trainer.world_size,
         "precision": str(trainer.precision),
     }
 
 
-def init_source(pretrained: str) -> str:
+def init_source(model_cfg) -> str:
+    pretrained = model_cfg.pretrained
     if pretrained == "imagenet":
-        return "imagenet (torchvision)"
+        from deeplab_lit.models import imagenet_source
+
+        return f"imagenet ({imagenet_source(model_cfg.backbone)})"
     if pretrained == "none":
         return "random (no pre-training)"
     return f"file {pretrained}"

@@ -21,6 +21,9 @@ V2_R101 = dict(generation="v2", backbone="resnet101", output_stride=8, crop=321,
 V3 = dict(generation="v3", backbone="resnet101", output_stride=16, crop=513, batch=16, lr=0.007, steps=30000,
           scale=[0.5, 2.0], scale_step=0.25, bn="finetune", loss_at="input", canvas=[513, 513])
 BLOCK7 = dict(V3, head="classifier", cascade_blocks=3)
+X65 = dict(V3, backbone="xception65", multi_grid=[1, 1, 1], aspp_rates=[6, 12, 18], weight_decay=0.00004,
+           depthwise_weight_decay=False)
+X65_CITYSCAPES = dict(X65, data="cityscapes", crop=769, batch=16, steps=90000, separable=True, canvas=[1025, 2049])
 ROWS = {
     "v1_7x7": {**V1, "fc6_kernel": 7, "aspp_rates": [4], "fc6_width": 4096, "crf_search": True, "miou": 64.38,
                "miou_crf": 67.64},
@@ -103,6 +106,21 @@ ROWS = {
     "v3plus_1conv_1x1": {**V3, "generation": "v3plus", "decoder_convs": 1, "decoder_kernel": 1, "miou": 78.07},
     "v3plus_conv2_conv3": {**V3, "generation": "v3plus", "decoder_convs": 1,
                            "decoder_features": ["layer2", "layer1"], "miou": 78.61},
+    # v3+ Table 5 (Xception-65; same protocol as v3, weight decay 4e-5, no multi-grid) and Table 7 (a)
+    "v3_xception65": {**X65, "generation": "v3", "separable": False, "miou": 79.17},
+    "v3plus_xception65": {**X65, "generation": "v3plus", "decoder_convs": 2, "separable": False, "miou": 79.93},
+    "v3plus_xception65_sc": {**X65, "generation": "v3plus", "separable": True, "miou": 79.79},
+    "v3plus_xception65_sc_coco": {**X65, "generation": "v3plus", "separable": True, "miou": 82.20},
+    "v3plus_xception65_sc_jft": {**X65, "generation": "v3plus", "separable": True, "miou": 83.03},
+    "cityscapes_v3_xception65": {**X65_CITYSCAPES, "generation": "v3", "image_pooling": True, "miou": 77.33},
+    "cityscapes_v3plus_xception65": {**X65_CITYSCAPES, "generation": "v3plus", "image_pooling": True, "miou": 78.79},
+    "cityscapes_v3plus_xception65_noip": {**X65_CITYSCAPES, "generation": "v3plus", "image_pooling": False,
+                                          "miou": 79.14},
+    "cityscapes_v3plus_xception71": {**X65_CITYSCAPES, "backbone": "xception71", "generation": "v3plus",
+                                     "image_pooling": False, "miou": 79.55},
+    # beyond the papers: the v3+ recipe on a timm backbone (no paper number)
+    "v3plus_timm": {**V3, "generation": "v3plus", "backbone": "timm:resnet50d", "multi_grid": [1, 1, 1],
+                    "miou": None},
 }
 
 GETTERS = {
@@ -124,6 +142,8 @@ GETTERS = {
     "steps": lambda c: c.trainer["max_steps"], "crf": lambda c: c.crf.enabled,
     "eval_mode": lambda c: c.eval.mode, "eval_os": lambda c: c.eval.output_stride,
     "miou": lambda c: c.paper.miou, "miou_crf": lambda c: c.paper.miou_crf,
+    "separable": lambda c: c.model.separable, "weight_decay": lambda c: c.optim.weight_decay,
+    "depthwise_weight_decay": lambda c: c.optim.depthwise_weight_decay,
 }
 
 
@@ -284,7 +304,8 @@ def test_help_lists_every_key_with_type_default_and_doc():
         assert line is not None, key
     rows = {row[0]: row for row in key_rows()}
     assert rows["model.output_stride"][1:4] == ("8|16|32|64|128|256", "16", "run")
-    assert rows["model.backbone"][1] == "vgg16|resnet50|resnet101" and rows["data.name"][1].startswith("voc|voc_aug")
+    assert rows["model.backbone"][1] == "vgg16|resnet50|resnet101|xception65|xception71|timm:<name>"
+    assert rows["data.name"][1].startswith("voc|voc_aug")
     assert rows["crf.bi_xy_std"][1:4] == ("float", "67.0", "evaluation") and rows["crf.bi_xy_std"][4]
     assert all(row[4] for row in rows.values()), [k for k, r in rows.items() if not r[4]]
 

@@ -120,7 +120,8 @@ def test_output_strides_beyond_32_stride_the_cascaded_blocks(output_stride, stri
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, 97, 97))["out"]
     assert out.shape[-1] == -(-97 // output_stride)
-    with pytest.raises(UserError, match=r"model.output_stride=64: model.backbone=resnet50 with 0 cascaded blocks"):
+    with pytest.raises(UserError,
+                       match=r"model.backbone=resnet50 cannot give model.output_stride=64: with 0 cascaded blocks"):
         load_experiment("v3_r50_block7_os64", ["model.cascade_blocks=0"])
 
 

@@ -128,6 +128,14 @@ V3PLUS_PROTOCOLS = [("", 16, 1, False), ("ms", 16, SIX, False), ("ms_flip", 16, 
                     ("os8_ms", 8, SIX, False), ("os8_ms_flip", 8, SIX, True)]
 V3_TABLE3 = {(1, 1, 1): (68.39, 73.21, 75.34), (1, 2, 1): (70.23, 75.67, 76.09), (1, 2, 3): (73.14, 75.78, 75.96),
              (1, 2, 4): (73.45, 75.74, 75.85), (2, 2, 2): (71.45, 74.30, 74.70)}
+X65 = {**V3, "model.backbone": "xception65", "model.multi_grid": [1, 1, 1], "optim.weight_decay": 0.00004,
+       "optim.depthwise_weight_decay": False}
+X65_ALL_PROTOCOLS = [("", 16, 1, False), ("ms", 16, SIX, False), ("ms_flip", 16, SIX, True), ("os8", 8, 1, False),
+                     ("os8_ms", 8, SIX, False), ("os8_ms_flip", 8, SIX, True)]
+X65_SC_PROTOCOLS = [("", 16, 1, False), ("ms_flip", 16, SIX, True), ("os8", 8, 1, False), ("os8_ms_flip", 8, SIX, True)]
+X65_CITYSCAPES = {"data.name": "cityscapes", "model.multi_grid": [1, 1, 1], "model.separable": True,
+                  "data.crop_size": 769, "data.batch_size": 16, "trainer.max_steps": 90000,
+                  "eval.canvas": [1025, 2049]}
 
 EXPECTED = {
     "fov.yaml": fov_cells(),
@@ -188,6 +196,40 @@ EXPECTED = {
         cell("v3plus_1conv", **V3, model__generation="v3plus", model__decoder_channels=width, model__decoder_convs=1,
              **{f"paper.metrics.decoder_channels_{width}": miou})
         for width, miou in [(8, 77.61), (16, 77.92), (32, 78.16), (48, 78.21), (64, 77.94)]
+    ],
+    "xception.yaml": [
+        cell("v3_xception65", **X65, model__generation="v3", model__separable=False, paper__miou=79.17,
+             protocols=X65_ALL_PROTOCOLS, paper__metrics={"val/mIoU_ms": 80.57, "val/mIoU_ms_flip": 80.79,
+                                                          "val/mIoU_os8": 79.64, "val/mIoU_os8_ms": 81.15,
+                                                          "val/mIoU_os8_ms_flip": 81.34}),
+        cell("v3plus_xception65", **X65, model__generation="v3plus", model__separable=False, paper__miou=79.93,
+             protocols=X65_ALL_PROTOCOLS, paper__metrics={"val/mIoU_ms": 81.38, "val/mIoU_ms_flip": 81.44,
+                                                          "val/mIoU_os8": 80.22, "val/mIoU_os8_ms": 81.60,
+                                                          "val/mIoU_os8_ms_flip": 81.63}),
+        cell("v3plus_xception65_sc", **X65, model__generation="v3plus", model__separable=True, paper__miou=79.79,
+             protocols=X65_SC_PROTOCOLS, paper__metrics={"val/mIoU_ms_flip": 81.21, "val/mIoU_os8": 80.02,
+                                                         "val/mIoU_os8_ms_flip": 81.39}),
+        cell("v3plus_xception65_sc_coco", **X65, model__separable=True, paper__miou=82.20, protocols=X65_SC_PROTOCOLS,
+             paper__metrics={"val/mIoU_ms_flip": 83.34, "val/mIoU_os8": 82.45, "val/mIoU_os8_ms_flip": 83.58}),
+        cell("v3plus_xception65_sc_jft", **X65, model__separable=True, paper__miou=83.03, protocols=X65_SC_PROTOCOLS,
+             paper__metrics={"val/mIoU_ms_flip": 84.22, "val/mIoU_os8": 83.39, "val/mIoU_os8_ms_flip": 84.56}),
+    ],
+    "cityscapes_xception.yaml": [
+        cell("cityscapes_v3_xception65", **X65_CITYSCAPES, model__backbone="xception65", model__generation="v3",
+             model__image_pooling=True, paper__miou=77.33),
+        cell("cityscapes_v3plus_xception65", **X65_CITYSCAPES, model__backbone="xception65",
+             model__generation="v3plus", model__image_pooling=True, paper__miou=78.79,
+             protocols=[("", 16, 1, False), ("os8_ms_flip", 8, 3, True)],
+             paper__metrics={"val/mIoU_os8_ms_flip": 80.42}),
+        cell("cityscapes_v3plus_xception65_noip", **X65_CITYSCAPES, model__backbone="xception65",
+             model__generation="v3plus", model__image_pooling=False, paper__miou=79.14),
+        cell("cityscapes_v3plus_xception71", **X65_CITYSCAPES, model__backbone="xception71",
+             model__generation="v3plus", model__image_pooling=False, paper__miou=79.55),
+    ],
+    "timm_backbones.yaml": [
+        cell("v3plus_timm", **{**V3, "model.backbone": name}, model__generation="v3plus", model__multi_grid=[1, 1, 1],
+             paper__miou=None, protocols=[("", 16, 1, False), ("os8", 8, 1, False)])
+        for name in ["timm:resnet50d", "timm:resnest50d", "timm:regnety_032"]
     ],
     "decoder_convs.yaml": [  # one conv: decoder.yaml's 48-wide cell; two: v3plus in inference.yaml
         cell("v3plus_1conv", **V3, model__generation="v3plus", model__decoder_channels=48, model__decoder_convs=3,

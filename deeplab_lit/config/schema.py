@@ -62,7 +62,8 @@ class ModelConfig(Section):
     """
 
     generation: str = key("v3", "DeepLab generation (its head layout and loss)", choices="models.GENERATIONS")
-    backbone: str = key("resnet101", "feature extractor", choices="models.BACKBONES")
+    backbone: str = key("resnet101", "feature extractor; timm:<name> = any timm model with a dilated output stride",
+                        choices="models.BACKBONES")
     output_stride: Literal[8, 16, 32, 64, 128, 256] = key(16, "training output stride of the backbone (atrous beyond "
                                                                 "it; 64-256 need cascaded blocks, v3 Table 1)")
     multi_grid: tuple[int, ...] = key((1, 1, 1), "multi-grid (r1, r2, r3): unit rates of block4 and cascaded blocks")
@@ -87,10 +88,14 @@ class ModelConfig(Section):
     decoder_convs: int = key(2, "v3+ decoder: number of refinement convs per low-level feature")
     decoder_width: int = key(256, "v3+ decoder: channels of the refinement convs")
     decoder_kernel: int = key(3, "v3+ decoder: kernel of the refinement convs (v3+ Table 2: 3 or 1)")
-    decoder_features: tuple[str, ...] = key(("layer1",), "v3+ decoder: low-level features, coarse to fine "
-                                                         "(Conv2 = layer1; Conv3 + Conv2 = [layer2, layer1])")
-    pretrained: str = key("none", "initialisation: imagenet (torchvision's file in the hub cache), none, a PATH to "
-                                  "a state dict, or run:<experiment> (that experiment's finished run, same seed)")
+    decoder_features: tuple[str, ...] = key((), "v3+ decoder: low-level features, coarse to fine; empty = the "
+                                                "backbone's stride-4 feature (ResNet: Conv2 = [layer1]; Conv3 + "
+                                                "Conv2 = [layer2, layer1])")
+    separable: bool = key(False, "depthwise separable 3x3 convs (depthwise, BN, ReLU, pointwise, BN, ReLU) in the "
+                                 "ASPP branches and the v3+ decoder (v3+ Table 5 'SC')")
+    pretrained: str = key("none", "initialisation: imagenet (torchvision's file in the torch hub cache; xception and "
+                                  "timm backbones: timm's in the Hugging Face cache), none, a PATH to a state dict, "
+                                  "or run:<experiment> (that experiment's finished run, same seed)")
     trainable: tuple[str, ...] = key((), "train only parameters whose names start with these prefixes (v1 MSc "
                                          "stage); empty = all")
     bn: Literal["frozen", "frozen_stats", "finetune", "sync"] = key(
@@ -129,6 +134,8 @@ class OptimConfig(Section):
     bias_weight_decay: bool = key(False, "apply weight decay to biases and norm parameters")
     loss_at: Literal["input", "logits"] = key("input", "loss on logits upsampled to the input (v3) or on the "
                                                        "ground truth shrunk to the logits (v1, v2)")
+    depthwise_weight_decay: bool = key(True, "apply weight decay to depthwise conv weights (TF DeepLab's Xception "
+                                             "and separable convs: no)")
 
 
 @dataclass(frozen=True)

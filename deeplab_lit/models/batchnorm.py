@@ -5,7 +5,8 @@
   updates its running statistics with momentum `bn_momentum` (PyTorch convention: TF decay 0.9997 =
   momentum 0.0003) and trains its scale and shift.
 - `sync`: as `finetune`, with statistics over all processes (the Trainer converts the layers to
-  SyncBatchNorm).
+  SyncBatchNorm with `convert_sync_batchnorm` below, which keeps the ReLU of timm's fused
+  `BatchNormAct2d` layers; torch's own conversion would replace them by a bare SyncBatchNorm).
 - `frozen` (v2's ResNet-101, Caffe `use_global_stats: true` with the Scale layers' lr_mult 0): every
   BatchNorm layer normalises with its running statistics, in training too, never updates them, and its
   scale and shift are not trained. (v2's ResNet heads have no BatchNorm; in a network whose new layers
@@ -47,3 +48,32 @@ def keep_frozen_layers_in_eval(network: nn.Module, mode: str) -> None:
     if mode in STATISTICS_FIXED:
         for bn in batchnorm_layers(network):
             bn.eval()
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm layer -> SyncBatchNorm; timm's BatchNormAct2d -> SyncBatchNormAct with its act/drop."""
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(module)
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """The inverse of `convert_sync_batchnorm` (same parameters and statistics, activations kept)."""
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    converted = module
+    if isinstance(module, nn.SyncBatchNorm):
+        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if isinstance(module, SyncBatchNormAct):
+            converted = BatchNormAct2d(*args)
+            converted.act, converted.drop = module.act, module.drop
+        else:
+            converted = nn.BatchNorm2d(*args)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, revert_sync_batchnorm(child))
+    return converted

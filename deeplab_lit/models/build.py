@@ -1,7 +1,10 @@
 """`build_model(cfg.model, num_classes)`: registries of backbones, heads and generations.
 
 A new backbone or head is one file plus one `register` line in `BACKBONES` / `HEADS` (registry.py);
-the config's allowed names and `--help` come from these registries. A generation builder
+the config's allowed names and `--help` come from these registries. A backbone entry is a
+`BackboneSpec` (backbones/specs.py): it builds the backbone and says what it supports (output strides,
+the v3+ stride-4 feature, multi-grid, cascaded blocks), which `validate` reads; `timm:<name>` is a
+family whose specs are read from timm. A generation builder
 composes backbone and head into a `DeepLab`: v1, v2 and v3 put the configured head on the backbone
 (v2 adds the MSC pyramid through `msc_scales`); v3plus wraps the v3 ASPP into the decoder head.
 Combinations that cannot work are refused with a UserError naming the key.
@@ -14,32 +17,29 @@ from deeplab_lit.errors import UserError
 from deeplab_lit.models.batchnorm import BN_MODES
 from torch import nn
 
-from deeplab_lit.models.backbones import ResNetBackbone, VGG16Atrous
-from deeplab_lit.models.backbones.resnet import max_output_stride
+from deeplab_lit.models.backbones.specs import BackboneSpec, ResNetSpec, TimmSpec, VGGSpec, XceptionSpec
 from deeplab_lit.models.deeplab import DeepLab
-from deeplab_lit.models.heads.decoder import FEATURE_STRIDES
 from deeplab_lit.models.heads import ASPP, ASPPHead, AtrousClassifierHead, ClassifierHead, DecoderHead, FCHead
 from deeplab_lit.models.pretrained import load_pretrained
 from deeplab_lit.registry import Registry
 
 
-def _resnet(depth: int) -> Callable:
-    def build(cfg) -> ResNetBackbone:
-        return ResNetBackbone(depth, output_stride=cfg.output_stride, multi_grid=tuple(cfg.multi_grid),
-                              cascade_blocks=cfg.cascade_blocks)
-    return build
-
-
-BACKBONES: Registry[Callable] = Registry("model.backbone")
-BACKBONES.register("vgg16", lambda cfg: VGG16Atrous(), "DeepLab's atrous VGG-16 (output stride 8)")
-BACKBONES.register("resnet50", _resnet(50), "torchvision ResNet-50, output stride 8/16/32, multi-grid, cascade")
-BACKBONES.register("resnet101", _resnet(101), "torchvision ResNet-101, output stride 8/16/32, multi-grid, cascade")
+BACKBONES: Registry[BackboneSpec] = Registry("model.backbone")
+BACKBONES.register("vgg16", VGGSpec(), "DeepLab's atrous VGG-16 (output stride 8)")
+BACKBONES.register("resnet50", ResNetSpec(50), "torchvision ResNet-50, output stride 8/16/32, multi-grid, cascade")
+BACKBONES.register("resnet101", ResNetSpec(101), "torchvision ResNet-101, output stride 8/16/32, multi-grid, cascade")
+BACKBONES.register("xception65", XceptionSpec("xception65"),
+                   "v3+'s modified aligned Xception-65 (timm's, TF DeepLab's rates), output stride 8/16/32")
+BACKBONES.register("xception71", XceptionSpec("xception71"),
+                   "aligned Xception-71 (v3+ Table 7's X-71; timm's), output stride 8/16/32")
+BACKBONES.register_family("timm:", TimmSpec.for_name,
+                          "any timm model with output_stride and forward_intermediates, e.g. timm:resnet50d")
 
 
 def build_aspp(cfg, backbone) -> ASPP:
     return ASPP(backbone.out_channels, rates=list(cfg.aspp_rates), channels=cfg.aspp_channels,
                 image_pooling=cfg.image_pooling, rates_absolute=cfg.aspp_rates_absolute,
-                dropout=cfg.aspp_dropout, output_stride=backbone.output_stride)
+                dropout=cfg.aspp_dropout, output_stride=backbone.output_stride, separable=cfg.separable)
 
 
 HEADS: Registry[Callable] = Registry("model.head")
@@ -65,10 +65,12 @@ def _backbone_and_head(cfg, backbone, num_classes) -> DeepLab:
 
 
 def _v3plus(cfg, backbone, num_classes) -> DeepLab:
-    head = DecoderHead(build_aspp(cfg, backbone), num_classes, feature_channels=backbone.feature_channels,
+    names = list(cfg.decoder_features) or [backbone.low_level_feature]
+    head = DecoderHead(build_aspp(cfg, backbone), num_classes,
+                       features=[(name, backbone.feature_channels[name]) for name in names],
+                       logits_stride=backbone.feature_strides[names[-1]],
                        decoder_channels=cfg.decoder_channels, decoder_convs=cfg.decoder_convs,
-                       decoder_width=cfg.decoder_width, decoder_kernel=cfg.decoder_kernel,
-                       decoder_features=cfg.decoder_features)
+                       decoder_width=cfg.decoder_width, decoder_kernel=cfg.decoder_kernel, separable=cfg.separable)
     return _deeplab(cfg, backbone, head)
 
 
@@ -77,13 +79,12 @@ GENERATIONS.register("v1", _backbone_and_head, "DeepLab v1: VGG-16, fc head, los
 GENERATIONS.register("v2", _backbone_and_head, "DeepLab v2: VGG-16 or ResNet, ASPP by summed logits, MSC")
 GENERATIONS.register("v3", _backbone_and_head, "DeepLab v3: ResNet, ASPP with BatchNorm and image pooling")
 GENERATIONS.register("v3plus", _v3plus, "DeepLab v3+: the v3 encoder and a decoder on the stride-4 feature")
-RESNETS = ("resnet50", "resnet101")
 
 
 def validate(cfg, num_classes: int) -> None:
     """Refuse networks the zoo cannot build, naming the key and what to do (the rules live here only)."""
     GENERATIONS[cfg.generation]
-    BACKBONES[cfg.backbone]
+    spec = BACKBONES[cfg.backbone]  # timm:<name>: a name timm does not know is refused here
     HEADS[cfg.head]
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -93,19 +94,25 @@ def validate(cfg, num_classes: int) -> None:
     if cfg.generation == "v1" and (cfg.backbone != "vgg16" or cfg.head != "fc"):
         raise UserError("model.generation=v1 is VGG-16 with the fc head: set model.backbone=vgg16 and "
                         f"model.head=fc (got {cfg.backbone}, {cfg.head})")
-    if cfg.generation == "v3plus" and (cfg.backbone not in RESNETS or cfg.head != "aspp"):
-        raise UserError("model.generation=v3plus needs a ResNet backbone (its stride-4 layer1 feeds the decoder) "
+    if cfg.generation == "v3plus" and (cfg.head != "aspp" or (
+            cfg.output_stride in spec.output_strides(cfg.cascade_blocks) and not spec.has_low_level(cfg.output_stride))):
+        raise UserError("model.generation=v3plus needs a backbone that provides a stride-4 feature for the decoder "
+                        "(resnet50/101: layer1, xception65/71: TF's entry-flow end point, timm: its stride-4 stage) "
                         f"and model.head=aspp (got {cfg.backbone}, {cfg.head})")
+    if cfg.separable and cfg.head != "aspp":
+        raise UserError(f"model.separable=true makes the aspp head's (and the v3+ decoder's) 3x3 convs separable; "
+                        f"model.head={cfg.head} has none: set model.separable=false")
+    if cfg.separable and cfg.decoder_kernel != 3:
+        raise UserError(f"model.separable=true makes the decoder's convs depthwise 3x3; model.decoder_kernel="
+                        f"{cfg.decoder_kernel} needs model.separable=false")
     if cfg.msc_features and cfg.head != "fc":
         raise UserError("model.msc_features (v1 MSc) needs model.head=fc on vgg16; set it false")
     if len(cfg.multi_grid) != 3 or any(not isinstance(r, int) or r < 1 for r in cfg.multi_grid):
         raise UserError(f"model.multi_grid={list(cfg.multi_grid)}: needs three rates (r1, r2, r3), positive "
                         "integers (one per unit of block4)")
-    if cfg.output_stride not in supported_output_strides(cfg):
-        raise UserError(f"model.output_stride={cfg.output_stride}: model.backbone={cfg.backbone} with "
-                        f"{cfg.cascade_blocks} cascaded blocks supports "
-                        f"{', '.join(map(str, supported_output_strides(cfg)))} (above 32, one cascaded block "
-                        "strides per doubling: set model.cascade_blocks)")
+    if cfg.output_stride not in spec.output_strides(cfg.cascade_blocks):
+        raise UserError(f"model.backbone={cfg.backbone} cannot give model.output_stride={cfg.output_stride}: "
+                        f"{spec.output_stride_refusal(cfg.output_stride, cfg.cascade_blocks)}")
     if cfg.backbone == "vgg16":
         if cfg.cascade_blocks:
             raise UserError("model.cascade_blocks copies ResNet's block4; set it to 0 for vgg16")
@@ -114,6 +121,12 @@ def validate(cfg, num_classes: int) -> None:
     else:
         if cfg.cascade_blocks < 0:
             raise UserError(f"model.cascade_blocks must be >= 0, got {cfg.cascade_blocks}")
+        if cfg.cascade_blocks and not spec.cascade:
+            raise UserError(f"model.cascade_blocks copies ResNet's block4 (resnet50, resnet101); set it to 0 for "
+                            f"{cfg.backbone}")
+        if list(cfg.multi_grid) != [1, 1, 1] and spec.multi_grid_refusal():
+            raise UserError(f"model.multi_grid={list(cfg.multi_grid)}: model.backbone={cfg.backbone} cannot apply "
+                            f"multi-grid ({spec.multi_grid_refusal()}); leave it [1, 1, 1]")
     if any(int(r) != r or r < 1 for r in cfg.aspp_rates):
         raise UserError(f"model.aspp_rates must be positive integers, got {list(cfg.aspp_rates)}")
     if cfg.head in ("fc", "atrous_classifier") and not cfg.aspp_rates:
@@ -129,12 +142,15 @@ def validate(cfg, num_classes: int) -> None:
                         "model.decoder_convs >= 0")
     if cfg.decoder_kernel < 1 or cfg.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={cfg.decoder_kernel} must be an odd kernel size (1, 3, ...)")
-    if cfg.generation == "v3plus":
-        known = list(FEATURE_STRIDES)
-        strides = [FEATURE_STRIDES.get(name) for name in cfg.decoder_features]
-        if not cfg.decoder_features or None in strides or strides != sorted(strides, reverse=True):
+    if cfg.generation == "v3plus" and cfg.decoder_features:
+        known = spec.decoder_features
+        strides = [known.get(name) for name in cfg.decoder_features]
+        if not known:
+            raise UserError(f"model.decoder_features={list(cfg.decoder_features)}: model.backbone={cfg.backbone} offers "
+                            "only its stride-4 feature; leave model.decoder_features empty")
+        if None in strides or strides != sorted(set(strides), reverse=True):
             raise UserError(f"model.decoder_features={list(cfg.decoder_features)}: give low-level features coarse to "
-                            f"fine, from {', '.join(known)} (the paper's decoder: [layer1])")
+                            f"fine, from {', '.join(known)} (empty = the paper's decoder, [layer1])")
     if not 0 <= cfg.msc_dropout < 1:
         raise UserError(f"model.msc_dropout must be in [0, 1), got {cfg.msc_dropout}")
     if cfg.pool5_avg and cfg.head != "fc":
@@ -146,10 +162,11 @@ def validate(cfg, num_classes: int) -> None:
 
 
 def supported_output_strides(cfg) -> tuple[int, ...]:
-    """Output strides the backbone of `cfg` can be trained or evaluated at (set_output_stride)."""
-    if cfg.backbone == "vgg16":
-        return (8,)
-    return tuple(s for s in (8, 16, 32, 64, 128, 256) if s <= max_output_stride(max(0, cfg.cascade_blocks)))
+    """Output strides the backbone of `cfg`, trained at `cfg.output_stride`, can be evaluated at
+    (switched in place by set_output_stride): VGG-16 8; ResNets 8, 16, 32 (up to 32 x 2^cascaded blocks);
+    Xceptions 8, 16, 32; timm models those whose layout timm's construction at that stride shares with the
+    training one."""
+    return BACKBONES[cfg.backbone].eval_output_strides(cfg.output_stride, cfg.cascade_blocks)
 
 
 def apply_trainable(model: nn.Module, prefixes) -> None:

@@ -1,14 +1,22 @@
-"""Initialisation from ImageNet (torchvision's weights) or from a state dict file. Never downloads.
+"""Initialisation from ImageNet (torchvision's or timm's weights) or from a state dict file. Never downloads.
 
 `model.pretrained`:
 - `none`: random initialisation.
-- `imagenet`: torchvision's IMAGENET1K_V1 file for the backbone, read from the local torch hub cache
-  (`torch.hub.get_dir()/checkpoints/<file>`, where torchvision itself stores it). Absent -> UserError.
-- a PATH: either a torchvision-format ImageNet state dict of the backbone (e.g. a copy of that file)
-  or a DeepLab state dict of this project (keys `backbone.*`, `head.*`; a Lightning checkpoint's
-  `state_dict` with its `model.` prefix works too), e.g. a COCO-pretrained model. From our own format
-  every tensor whose name and shape match is loaded; the rest (typically the classifier when the
-  number of classes differs) keeps its initialisation and is listed in a warning.
+- `imagenet`: for vgg16 / resnet50 / resnet101 torchvision's IMAGENET1K_V1 file, read from the local
+  torch hub cache (`torch.hub.get_dir()/checkpoints/<file>`, where torchvision itself stores it). For
+  xception65 / xception71 timm's `<variant>.tf_in1k` (TF DeepLab's ImageNet checkpoint, ported), for
+  `timm:<name>[.<tag>]` timm's weights of that tag (default: timm's default tag), read from the Hugging
+  Face hub cache where timm 1.0 stores them (`huggingface_hub.try_to_load_from_cache`, which never goes
+  online: `$HF_HUB_CACHE`, by default `~/.cache/huggingface/hub/models--timm--<name>.<tag>/snapshots/
+  <revision>/model.safetensors`). Absent -> UserError saying how to fetch it once.
+- a PATH: a torchvision-format ImageNet state dict of the backbone (e.g. a copy of that file); for
+  xception and timm backbones a timm state dict (`timm.create_model(...).state_dict()`, `.pth`/`.bin`
+  or `.safetensors`; the classifier is ignored); or a DeepLab state dict of this project (keys
+  `backbone.*`, `head.*`; a Lightning checkpoint's `state_dict` with its `model.` prefix works too),
+  e.g. a COCO-pretrained model. From our own format every tensor whose name and shape match is
+  loaded; the rest (typically the classifier when the number of classes differs) keeps its
+  initialisation and is listed in a warning. Files are read as data only (`weights_only=True`,
+  safetensors).
 
 VGG-16 conversion (v1 Sec. 3.1): convolutions copied as they are; fc6 from torchvision's
 `classifier.0` (4096 x 25088) reshaped to 4096 x 512 x 7 x 7 and spatially decimated to the head's
@@ -25,12 +33,15 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torchvision.models import ResNet50_Weights, ResNet101_Weights, VGG16_Weights
 
 from deeplab_lit.errors import UserError
 from deeplab_lit.models.backbones.vgg import VGG16Atrous
+from deeplab_lit.models.backbones.xception import IMAGENET_TAG as XCEPTION_IMAGENET_TAG
+from deeplab_lit.models.backbones.xception import VARIANTS as XCEPTION_VARIANTS
 from deeplab_lit.models.heads.fc import FCHead
 
 log = logging.getLogger(__name__)
@@ -41,10 +52,61 @@ IMAGENET_WEIGHTS = {
     "resnet101": ResNet101_Weights.IMAGENET1K_V1,
 }
 VGG_FC_WIDTH, VGG_FC_KERNEL = 4096, 7
+HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm 1.0 reads from a Hugging Face repo
+
+
+def timm_weights(backbone: str) -> Optional[str]:
+    """The timm `name.tag` whose weights `imagenet` means for `backbone`; None for torchvision's backbones."""
+    if backbone in XCEPTION_VARIANTS:
+        return f"{backbone}.{XCEPTION_IMAGENET_TAG}"
+    if backbone.startswith("timm:"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(backbone[len("timm:"):])
+        if cfg is None:
+            raise UserError(f"model.pretrained=imagenet: timm has no pretrained weights for {backbone}; set "
+                            "model.pretrained=none or a PATH to a timm state dict")
+        return f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    return None
+
+
+def imagenet_source(backbone: str) -> str:
+    """Whose ImageNet weights `imagenet` loads, for records: 'torchvision' or 'timm xception65.tf_in1k'."""
+    weights = timm_weights(backbone)
+    return f"timm {weights}" if weights else "torchvision"
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache timm downloads into ($HF_HUB_CACHE, ~/.cache/huggingface/hub by default)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _timm_imagenet_file(weights: str) -> Path:
+    """The cached file of timm's `weights`, or (absent) its repository's cache directory. Offline only."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(weights)
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(f"model.pretrained=imagenet: timm's {weights} has no Hugging Face weights to read from the "
+                        "cache; set model.pretrained=PATH to a timm state dict or none")
+    repo = cfg.hf_hub_id.split("@")[0]
+    for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else HF_FILES):
+        found = try_to_load_from_cache(repo, filename, cache_dir=hf_cache_dir())
+        if isinstance(found, str):
+            return Path(found)
+    return hf_cache_dir() / f"models--{repo.replace('/', '--')}"
 
 
 def imagenet_checkpoint(backbone: str) -> Path:
-    """Where torchvision caches the IMAGENET1K_V1 weights of `backbone` (the file name of its URL)."""
+    """Where the ImageNet weights of `backbone` are cached: torchvision's IMAGENET1K_V1 file in the torch
+    hub cache (the file name of its URL), or timm's file in the Hugging Face cache (if absent: the
+    directory it would be in)."""
+    weights = timm_weights(backbone)
+    if weights:
+        return _timm_imagenet_file(weights)
     return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS[backbone].url.rsplit("/", 1)[-1]
 
 
@@ -65,6 +127,14 @@ def filter_indices(width: int, source: int = VGG_FC_WIDTH) -> list[int]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"model.pretrained: cannot read {path} as a safetensors state dict ({err})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
@@ -155,6 +225,24 @@ def _load_deeplab(model, state: dict[str, torch.Tensor], path: Path) -> None:
                  + (" ..." if len(mismatched + missing) > 8 else ""))
 
 
+def _load_timm(model, state: dict[str, torch.Tensor], path: Path, backbone_name: str) -> None:
+    """A timm state dict into an xception / timm backbone whose keys are timm's under `timm_state_prefix`."""
+    backbone = model.backbone
+    own = backbone.state_dict()
+    converted = {backbone.timm_state_prefix + k: v for k, v in state.items()}
+    missing = sorted(k for k in set(own) - set(converted) if not k.endswith("num_batches_tracked"))
+    wrong = sorted(k for k in set(own) & set(converted) if own[k].shape != converted[k].shape)
+    if missing or wrong:
+        example = (missing or wrong)[0]
+        raise UserError(f"model.pretrained: {path} does not match timm's {backbone_name} ({len(missing)} missing "
+                        f"keys, {len(wrong)} of another shape, e.g. {example}); give a state dict of that timm model")
+    backbone.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False)
+    ignored = sorted(set(converted) - set(own))
+    if ignored:
+        log.info("model.pretrained=%s: ignored %d tensors timm's classifier/head holds (%s)", path, len(ignored),
+                 ", ".join(ignored[:4]))
+
+
 def load_pretrained(model, model_cfg) -> None:
     """Apply `model_cfg.pretrained` to `model` in place (see the module docstring)."""
     source = model_cfg.pretrained
@@ -162,6 +250,12 @@ def load_pretrained(model, model_cfg) -> None:
         return
     if source == "imagenet":
         path = imagenet_checkpoint(model_cfg.backbone)
+        weights = timm_weights(model_cfg.backbone)
+        if not path.is_file() and weights:
+            raise UserError(
+                f"model.pretrained=imagenet: timm's ImageNet weights {weights} for {model_cfg.backbone} are not in the "
+                f"Hugging Face cache ({path}); fetch them once with internet: python -c \"import timm; "
+                f"timm.create_model('{weights}', pretrained=True)\" (or set model.pretrained=PATH or none)")
         if not path.is_file():
             raise UserError(
                 f"model.pretrained=imagenet: ImageNet weights for {model_cfg.backbone} not found at {path}; "
@@ -176,6 +270,9 @@ def load_pretrained(model, model_cfg) -> None:
     state = read_state_dict(path)
     if any(k.startswith("backbone.") for k in state):
         _load_deeplab(model, state, path)
+    elif hasattr(model.backbone, "timm_state_prefix"):
+        _load_timm(model, state, path, timm_weights(model_cfg.backbone) if source == "imagenet"
+                   else model_cfg.backbone.removeprefix("timm:"))
     else:
         _load_torchvision(model, state, path, model_cfg.backbone)
     model.init_source = f"imagenet:{path}" if source == "imagenet" else str(path)

@@ -72,17 +72,29 @@ class SegmentationModule(L.LightningModule):
 
         lr multipliers: new layers `optim.new_lr_mult`, biases `optim.bias_lr_mult` on top (Caffe's
         lr_mult 1/2 for ImageNet layers and 10/20 for the classifier in v1/v2); biases and norm
-        parameters get weight decay only if `optim.bias_weight_decay`.
+        parameters get weight decay only if `optim.bias_weight_decay`. Without
+        `optim.depthwise_weight_decay` the weights of depthwise convs form their own groups without
+        weight decay (TF DeepLab: `regularize_depthwise=False` in Xception, `weights_regularizer=None`
+        in `_split_separable_conv2d`).
         """
         optim = self.recipe
+        depthwise = set() if optim.depthwise_weight_decay else {
+            id(m.weight) for m in self.model.modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
         groups = []
         for origin, named in self.model.named_parameter_groups().items():
             origin_mult = optim.new_lr_mult if origin == "new" else 1.0
-            weights = [p for name, p in named if p.requires_grad and p.ndim > 1]
+            weights = [p for name, p in named if p.requires_grad and p.ndim > 1 and id(p) not in depthwise]
+            depthwise_weights = [p for name, p in named if p.requires_grad and id(p) in depthwise]
             biases = [p for name, p in named if p.requires_grad and p.ndim <= 1]
             if weights:
                 groups.append(
                     {"name": f"{origin}", "params": weights, "lr_mult": origin_mult, "weight_decay": optim.weight_decay}
+                )
+            if depthwise_weights:
+                groups.append(
+                    {"name": f"{origin}_depthwise", "params": depthwise_weights, "lr_mult": origin_mult,
+                     "weight_decay": 0.0}
                 )
             if biases:
                 groups.append(

@@ -38,6 +38,8 @@ def recipe(config) -> str:
         parts.append(f"MSC {_fmt(model.msc_scales)}")
     if model.generation == "v3plus":
         parts.append(f"decoder {model.decoder_channels}/{model.decoder_convs}x3x3")
+    if model.separable:
+        parts.append("separable 3x3 (SC)")
     parts.append(f"BN {model.bn}" if model.backbone != "vgg16" else "no BN")
     parts += [f"crop {data.crop_size}", f"batch {data.batch_size}", f"lr {optim.lr:g} {optim.schedule}",
               f"{config.trainer['max_steps']:,} steps", f"scale {_fmt(data.scale_range)}", f"init {model.pretrained}"]
@@ -68,6 +70,8 @@ def render_catalogue() -> str:
         for row in table.rows:
             for name in row.experiments:
                 config = configs[name]
+                if row.where:  # the row's own values, e.g. the swept backbone
+                    config = load_experiment(name, [f"{key}={_fmt(value)}" for key, value in row.where])
                 where = "; ".join(f"{key}={_fmt(value)}" for key, value in row.where if key != "crf.enabled")
                 lines.append(f"| {row.label} | `{name}`{' (' + where + ')' if where else ''} | "
                              f"{paper_numbers(config)} | {recipe(config)} |")

@@ -221,3 +221,48 @@ def paper_number(experiment: str, key: str) -> Optional[float]:
     paper = experiment_config(experiment)["paper"]
     value = paper.get(key) if key in ("miou", "miou_crf") else paper.get("metrics", {}).get(key)
     return None if value is None else float(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# v3+ with the modified aligned Xception (v3+ Tables 5 and 7), and beyond the papers: timm backbones.
+
+def _protocol_rows(prefix: str, experiment: str, protocols: tuple[tuple[str, str], ...]) -> tuple[Row, ...]:
+    """One row per (label, metric) of one experiment's checkpoint; the paper key is the metric's."""
+    return tuple(row(f"{prefix}, {label}", experiment, metric=None if metric == "val/mIoU" else metric,
+                     paper=None if metric == "val/mIoU" else metric) for label, metric in protocols)
+
+
+_ALL_INFERENCE = (("eval OS 16", "val/mIoU"), ("eval OS 16 + MS", "val/mIoU_ms"),
+                  ("eval OS 16 + MS + flip", "val/mIoU_ms_flip"), ("eval OS 8", "val/mIoU_os8"),
+                  ("eval OS 8 + MS", "val/mIoU_os8_ms"), ("eval OS 8 + MS + flip", "val/mIoU_os8_ms_flip"))
+_SC_INFERENCE = (("eval OS 16", "val/mIoU"), ("eval OS 16 + MS + flip", "val/mIoU_ms_flip"),
+                 ("eval OS 8", "val/mIoU_os8"), ("eval OS 8 + MS + flip", "val/mIoU_os8_ms_flip"))
+TIMM_BACKBONES = ("timm:resnet50d", "timm:resnest50d", "timm:regnety_032")
+
+TABLES = TABLES + (
+    Table("v3plus_table5_xception", "v3+ Table 5: inference strategy with Xception-65, train OS 16 (VOC val)", (
+        *_protocol_rows("no decoder", "v3_xception65", _ALL_INFERENCE),
+        *_protocol_rows("decoder", "v3plus_xception65", _ALL_INFERENCE),
+        *_protocol_rows("decoder + SC", "v3plus_xception65_sc", _SC_INFERENCE),
+        *_protocol_rows("decoder + SC + COCO", "v3plus_xception65_sc_coco", _SC_INFERENCE),
+        *_protocol_rows("decoder + SC + COCO + JFT", "v3plus_xception65_sc_jft", _SC_INFERENCE),
+    ), sweeps=("xception.yaml",),
+        note="MS: scales 0.5-1.75; SC: depthwise separable convs in ASPP and decoder. The COCO and JFT rows need "
+             "those pre-trained weights (model.pretrained=PATH); without them they start from ImageNet."),
+    Table("v3plus_table7_cityscapes", "v3+ Table 7 (a): Cityscapes val, Xception (train_fine)", (
+        row("X-65, ASPP + image-level", "cityscapes_v3_xception65"),
+        row("X-65, decoder, ASPP + image-level", "cityscapes_v3plus_xception65"),
+        row("X-65, decoder, ASPP", "cityscapes_v3plus_xception65_noip"),
+        row("X-71, decoder, ASPP", "cityscapes_v3plus_xception71"),
+        row("X-65, decoder, ASPP + image-level, eval OS 8 + MS 0.75-1.25 + flip (TF model zoo)",
+            "cityscapes_v3plus_xception65", metric=MS + "_flip", paper=MS + "_flip"),
+    ), sweeps=("cityscapes_xception.yaml",),
+        note="Separable ASPP and decoder throughout (TF's defaults); the last row's number is TF's model zoo "
+             "(xception65_cityscapes_trainfine), not the paper's."),
+    Table("timm_backbones", "Beyond the papers: the v3+ recipe on timm backbones, train OS 16 (VOC val)", tuple(
+        row(name.removeprefix("timm:"), "v3plus_timm", model__backbone=name) for name in TIMM_BACKBONES
+    ), (Column("eval OS 16", "val/mIoU", "miou"), Column("eval OS 8", "val/mIoU_os8", "val/mIoU_os8")),
+        sweeps=("timm_backbones.yaml",), compare_rows=False,
+        note="No paper numbers: the papers use ResNet and Xception only. Each backbone starts from timm's "
+             "ImageNet weights of its default tag."),
+)

@@ -86,7 +86,10 @@ class ResNetBackbone(nn.Module):
     """
 
     out_channels = 2048
-    feature_channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}  # what a decoder may take
+    # what a v3+ decoder may take (v3+ Table 2: Conv2 = layer1, Conv3 = layer2), with each one's stride
+    feature_channels = {"layer1": 256, "layer2": 512, "layer3": 1024}
+    feature_strides = {"layer1": 4, "layer2": 8, "layer3": 16}
+    low_level_feature = "layer1"  # the v3+ decoder's stride-4 feature (TF: block1/unit_2/bottleneck_v1/conv3)
     pretrained_prefixes = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, depth: int = 101, *, output_stride: int = 16,

@@ -4,6 +4,13 @@ ASPP = a 1x1 conv branch, one 3x3 atrous conv branch per rate, and (if `image_po
 pooling branch, each 256 channels with BatchNorm and ReLU (convs without bias); the branches are
 concatenated and projected by a 1x1 conv 256 + BatchNorm + ReLU. The head adds a 1x1 classifier.
 
+Separable (`separable=True`, v3+ Sec. 3.1 "atrous separable convolution", Table 5 "SC"): each 3x3 atrous
+branch becomes TF DeepLab's `_split_separable_conv2d` (model.py, used when `aspp_with_separable_conv`):
+depthwise 3x3 at the branch's rate -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU, no biases. The 1x1
+branch, the image pooling branch and the projection stay ordinary convs, as in TF's
+`_extract_features`. TF initialises the depthwise/pointwise weights with truncated normals of std
+0.33 / 0.06; we use the He init of every new hidden layer (`init_hidden`).
+
 Choices where the paper is silent:
 - Dropout after the projection: p = `aspp_dropout` (default 0.1), as TF-DeepLab's official code
   (keep_prob 0.9); torchvision uses 0.5. The v3 paper mentions none.
@@ -35,6 +42,16 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel: int, rate: int = 1
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel, padding=padding, dilation=rate, bias=False),
         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def separable_conv_bn_relu(in_channels: int, out_channels: int, rate: int = 1) -> nn.Sequential:
+    """TF DeepLab's `_split_separable_conv2d`: depthwise 3x3 (rate) -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU.
+
+    Index 0 is the depthwise conv, so output-stride switching (its dilation) works as for `conv_bn_relu`."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=rate, dilation=rate, groups=in_channels, bias=False),
+        nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def _sync_across_processes(bn: nn.Module) -> bool:
@@ -69,12 +86,14 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, *, rates: list[int], channels: int = 256,
                  image_pooling: bool = True, rates_absolute: bool = False, dropout: float = 0.1,
-                 output_stride: int = REFERENCE_STRIDE):
+                 output_stride: int = REFERENCE_STRIDE, separable: bool = False):
         super().__init__()
         self.rates = [int(r) for r in rates]
         self.rates_absolute = rates_absolute
+        self.separable = separable
+        atrous = separable_conv_bn_relu if separable else (lambda i, o, r: conv_bn_relu(i, o, 3, r))
         branches = [conv_bn_relu(in_channels, channels, 1)]
-        branches += [conv_bn_relu(in_channels, channels, 3, rate) for rate in self.rates]
+        branches += [atrous(in_channels, channels, rate) for rate in self.rates]
         if image_pooling:
             branches.append(ImagePooling(in_channels, channels))
         self.branches = nn.ModuleList(branches)

@@ -1,19 +1,23 @@
 """DeepLab v3+ decoder head (v3+ Sec. 3.1, Fig. 2; the variants of Table 2).
 
 encoder = v3 ASPP (without classifier) on `features["out"]`. The decoder takes one or more low-level
-features, coarse to fine (`decoder_features`; the paper's model: `["layer1"]`, "Conv2", stride 4). For
-each: the low-level map -> 1x1 conv `decoder_channels` (48) + BN + ReLU; the running decoder map is
-upsampled bilinearly (align_corners=False) to that map's size (x4 at OS 16 for layer1; to the exact
-size, so odd inputs work), concatenated [decoder, low-level] and refined by `decoder_convs` convs of
-`decoder_width` channels and kernel `decoder_kernel` (BN, ReLU, no bias). Then a 1x1 classifier.
+features, coarse to fine (`model.decoder_features`; empty = the backbone's stride-4 feature, the paper's
+model: ResNet `layer1` = "Conv2", Xception TF's entry-flow end point, timm `stride4`). For each: the
+low-level map -> 1x1 conv `decoder_channels` (48) + BN + ReLU; the running decoder map is upsampled
+bilinearly (align_corners=False) to that map's size (x4 at OS 16 for layer1; to the exact size, so odd
+inputs work), concatenated [decoder, low-level] and refined by `decoder_convs` convs of `decoder_width`
+channels and kernel `decoder_kernel` (BN, ReLU, no bias). Then a 1x1 classifier.
 
 v3+ Table 2 rows: [3x3, 256] x1, x2 (the model), x3; [3x3, 128]; [1x1, 256]; and Conv2 + Conv3
 (`decoder_features: [layer2, layer1]`: "the decoder feature map are gradually upsampled by 2,
 concatenated with Conv3 first and then Conv2, and each will be refined by the [3x3, 256] operation";
 each stage gets its own 48-channel projection and `decoder_convs` refinement convs).
-Logits are at the stride of the finest feature (4 for layer1) whatever the encoder's output stride;
-the wrapper upsamples them to the input. The paper's Xception decoder uses depthwise-separable 3x3
-convs; with ResNet-101 (v3+ Tables 1-3) they are ordinary convs. TF-DeepLab's decoder has no dropout,
+Logits are at the stride of the finest feature (4 for the paper's) whatever the encoder's output stride;
+the wrapper upsamples them to the input.
+With `separable` (v3+ Table 5 "SC"; TF `decoder_use_separable_conv`) each 3x3 refinement conv is TF's
+`_split_separable_conv2d` (depthwise 3x3 -> BN -> ReLU -> pointwise -> BN -> ReLU, `heads/aspp.py`);
+the 1x1 projection of the low-level feature stays an ordinary conv, as in TF's `refine_by_decoder`.
+With ResNet-101 (v3+ Tables 1-3) they are ordinary convs. TF-DeepLab's decoder has no dropout,
 nor has this one.
 """
 from __future__ import annotations
@@ -22,16 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab_lit.models.heads.aspp import ASPP, ASPPEncoderHead, conv_bn_relu
+from deeplab_lit.models.heads.aspp import ASPP, ASPPEncoderHead, conv_bn_relu, separable_conv_bn_relu
 from deeplab_lit.models.heads.fc import init_classifier, init_hidden
 
-FEATURE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16}
 
-
-def refine(in_channels: int, convs: int, width: int, kernel: int) -> tuple[nn.Sequential, int]:
+def refine(in_channels: int, convs: int, width: int, kernel: int, separable: bool) -> tuple[nn.Sequential, int]:
     layers, channels = [], in_channels
     for _ in range(convs):
-        layers.append(conv_bn_relu(channels, width, kernel))
+        layers.append(separable_conv_bn_relu(channels, width) if separable
+                      else conv_bn_relu(channels, width, kernel))
         channels = width
     return nn.Sequential(*layers), channels
 
@@ -40,10 +43,10 @@ class DecoderStage(nn.Module):
     """A coarser decoder step (Conv3 of the Conv2 + Conv3 variant): project, upsample, concatenate, refine."""
 
     def __init__(self, in_channels: int, low_level_channels: int, *, projection: int, convs: int, width: int,
-                 kernel: int):
+                 kernel: int, separable: bool):
         super().__init__()
         self.low_level = conv_bn_relu(low_level_channels, projection, 1)
-        self.fuse, self.out_channels = refine(in_channels + projection, convs, width, kernel)
+        self.fuse, self.out_channels = refine(in_channels + projection, convs, width, kernel, separable)
 
     def forward(self, decoder: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
         low = self.low_level(low_level)
@@ -52,24 +55,24 @@ class DecoderStage(nn.Module):
 
 
 class DecoderHead(ASPPEncoderHead):
-    """`low_level` / `fuse` act on the finest feature (layer1 in the paper's model); `coarse` holds the
-    steps on coarser features before it, if any."""
+    """`low_level` / `fuse` act on the finest feature; `coarse` holds the steps on coarser features before
+    it, if any. `features` = [(name, channels), ...] coarse to fine; `logits_stride` = the finest's stride."""
 
-    def __init__(self, aspp: ASPP, num_classes: int, *, feature_channels: dict[str, int], decoder_channels: int = 48,
-                 decoder_convs: int = 2, decoder_width: int = 256, decoder_kernel: int = 3,
-                 decoder_features=("layer1",)):
+    def __init__(self, aspp: ASPP, num_classes: int, *, features: list[tuple[str, int]], logits_stride: int,
+                 decoder_channels: int = 48, decoder_convs: int = 2, decoder_width: int = 256,
+                 decoder_kernel: int = 3, separable: bool = False):
         super().__init__(aspp)
-        *coarse, self.finest = list(decoder_features)
-        self.coarse_features = coarse
-        self.logits_stride = FEATURE_STRIDES[self.finest]
+        *coarse, (self.low_level_key, finest_channels) = features
+        self.coarse_features = [name for name, _ in coarse]
+        self.logits_stride = logits_stride
+        refinement = dict(convs=decoder_convs, width=decoder_width, kernel=decoder_kernel, separable=separable)
         channels, stages = aspp.project[0].out_channels, []
-        for name in coarse:
-            stages.append(DecoderStage(channels, feature_channels[name], projection=decoder_channels,
-                                       convs=decoder_convs, width=decoder_width, kernel=decoder_kernel))
+        for _, low_level_channels in coarse:
+            stages.append(DecoderStage(channels, low_level_channels, projection=decoder_channels, **refinement))
             channels = stages[-1].out_channels
         self.coarse = nn.ModuleList(stages)
-        self.low_level = conv_bn_relu(feature_channels[self.finest], decoder_channels, 1)
-        self.fuse, channels = refine(channels + decoder_channels, decoder_convs, decoder_width, decoder_kernel)
+        self.low_level = conv_bn_relu(finest_channels, decoder_channels, 1)
+        self.fuse, channels = refine(channels + decoder_channels, **refinement)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_hidden(nn.ModuleList([self.coarse, self.low_level, self.fuse]))
         init_classifier(self.classifier)
@@ -78,6 +81,6 @@ class DecoderHead(ASPPEncoderHead):
         decoder = self.aspp(features["out"])
         for name, stage in zip(self.coarse_features, self.coarse):
             decoder = stage(decoder, features[name])
-        low = self.low_level(features[self.finest])
+        low = self.low_level(features[self.low_level_key])
         decoder = F.interpolate(decoder, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(self.fuse(torch.cat([decoder, low], dim=1)))
