@@ -138,6 +138,8 @@ class EvalConfig(Section):
     slide_stride: int = key(513, "sliding window step, pixels")
     protocols: tuple[ProtocolConfig, ...] = key((), "extra protocols fit's final evaluation reports, e.g. "
                                                     "[{name: os8, output_stride: 8}]")
+    qualitative_images: int = key(4, "predicted label maps of the first N images saved beside the summary "
+                                     "(predictions/) for the report's qualitative panel; 0 = none")
 
     def __post_init__(self):
         super().__post_init__()
