@@ -136,7 +136,7 @@ def test_the_record_writes_its_side_files_and_reads_them_back(tmp_path):
     png = Image.open(tmp_path / "predictions" / "mIoU" / "x1.png")
     assert png.mode == "P" and np.asarray(png).tolist() == [[0, 1], [2, 255]]
 
-    _, other = record(tmp_path, "os8_ms.json")  # evaluate --json os8_ms.json: its own side files
+    record(tmp_path, "os8_ms.json")  # evaluate --json os8_ms.json: its own side files
     assert (tmp_path / "os8_ms.per_image.npz").is_file() and (tmp_path / "os8_ms.predictions" / "mIoU").is_dir()
 
 
