@@ -82,6 +82,8 @@ def voc_runs(tmp_path):
     write_run(root, "aspp_l", 0, {"val/mIoU": counts(0.52, classes=6), "val/mIoU_crf": counts(0.5, classes=6)},
               overrides=["data.name=synthetic"])
     write_run(root, "demo", 0, {"val/mIoU": counts(0.4, classes=6)}, csv_rows=CSV)
+    # another backbone swapped into a paper experiment (as a timm: backbone would be): not the paper's row
+    write_run(root, "v3plus_1conv", 0, {"val/mIoU": counts(0.6)}, overrides=["model.backbone=resnet50"])
     return root
 
 
@@ -172,6 +174,8 @@ def test_dashboard_page_sections_and_figures(voc_runs, tmp_path):
     paper_rows = markdown[markdown.index("## v2 Table 3"):markdown.index("## On the synthetic set")]
     assert "data.name=synthetic" not in paper_rows
     assert "| demo | 0 | the synthetic set |" in markdown
+    assert "| v3plus_1conv | 0 | PASCAL VOC 2012 val | 59.61 | [59.59, 59.63] |" in markdown and "- v3plus_1conv: no curve logged" in markdown
+    assert "| v3+ Table 1: decoder 1x1 projection width (one 3x3 conv, VOC val) | 0/5 |" in markdown
     page = (out / "report.html").read_text()
     assert len(re.findall(r"<img ", page)) == len(figures)
     assert "<td class='v-agrees-significant'>agrees, significant</td>" in page

@@ -32,8 +32,12 @@ def dotted(config: dict, key: str) -> Any:
 
 
 def matches(record: RunRecord, table_row: Row) -> bool:
-    """The run is of the row's experiment(s) and has the row's defining values (whatever its data)."""
-    return record.experiment in table_row.experiments and all(
+    """The run is of the row's experiment(s), with the experiment's own backbone (a `timm:` or other backbone
+    swapped in is another network, not the paper's row), and has the row's defining values (whatever its data)."""
+    if record.experiment not in table_row.experiments:
+        return False
+    backbone = dotted(experiment_config(record.experiment), "model.backbone")
+    return dotted(record.config, "model.backbone") == backbone and all(
         dotted(record.config, key) == value for key, value in table_row.where
     )
 

@@ -195,7 +195,7 @@ def heatmap(labels: list[str], class_names: list[str], values: np.ndarray, title
                     axes.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=6,
                               color="white" if values[i, j] < 60 else "black")
     figure.colorbar(image, ax=axes, label="IoU (%)", fraction=0.03)
-    axes.set_title(title, fontsize=9)
+    axes.set_title(wrap(title, int(9 * min(16.0, 2.8 + 0.55 * classes))), fontsize=9)
     return _png(figure)
 
 
@@ -292,5 +292,5 @@ def confusion(matrix: np.ndarray, class_names: list[str], title: str) -> bytes:
                     axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
                               color="white" if value > 50 else "black")
     figure.colorbar(image, ax=axes, label="% of the ground-truth class's pixels", fraction=0.04)
-    axes.set_title(title, fontsize=9)
+    axes.set_title(wrap(title, int(9 * size)), fontsize=9)
     return _png(figure)

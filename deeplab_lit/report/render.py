@@ -436,6 +436,9 @@ def write_report(dashboard: Dashboard, out_dir: Path) -> dict:
     """report.md, report.html and figures/*.png under `out_dir`; returns the paths."""
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    for stale in (out_dir / "figures").rglob("*.png"):  # a previous report's figures of tables since changed
+        if stale.relative_to(out_dir / "figures").as_posix() not in dashboard.images:
+            stale.unlink()
     for name, png in dashboard.images.items():
         (out_dir / "figures" / name).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "figures" / name).write_bytes(png)
