@@ -153,6 +153,9 @@ def test_dashboard_page_sections_and_figures(voc_runs, tmp_path):
     assert "Reproduced and significant: ASPP-S {2, 4, 8, 12} > LargeFOV (before CRF)" in markdown
     # 3 row pairs x 2 columns + 3 rows x (after CRF > before CRF)
     assert "| v2 Table 3: ASPP on VGG-16 (VOC val) | 3/3 | 1/3 | 5 | 2 | 1 | 1 | 0 |" in markdown
+    # per run and protocol: its own interval over its 40 images
+    assert re.search(r"\| ASPP-L \{6, 12, 18, 24\} \| before CRF \| 0 \| \d+\.\d\d \| \[\d+\.\d\d, \d+\.\d\d\] \| 40 \|",
+                     markdown)
     figures = {p.relative_to(out / "figures").as_posix() for p in (out / "figures").rglob("*.png")}
     assert {"v2_table3_aspp.png", "v2_table3_aspp.claims.png", "v2_table3_aspp.heatmap.png",
             "v2_table3_aspp.curves.png", "v2_table3_aspp.confusion-2-before-crf.png",

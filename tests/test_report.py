@@ -293,9 +293,9 @@ def test_log_wandb_writes_every_table_to_an_offline_run(runs, tmp_path, monkeypa
     assert report.main(["--runs", str(runs), "--out", str(out), "--log-wandb", "ent/proj", "--wandb-mode", "offline"]) == 0
     tables = sorted(out.glob("wandb/offline-run-*/files/media/table/report/*.table.json"))
     names = sorted(re.sub(r"_\d+_[0-9a-f]+\.table\.json$", "", p.name) for p in tables)
-    assert [n for n in names if not n.endswith("_claims") and n not in ("overview", "others")] == sorted(
+    assert [n for n in names if not n.endswith(("_claims", "_runs")) and n not in ("overview", "others")] == sorted(
         t.id for t in report.TABLES)
-    assert "overview" in names and "v2_table3_aspp_claims" in names and "others" in names
+    assert {"overview", "v2_table3_aspp_claims", "v2_table3_aspp_runs", "others"} <= set(names)
     aspp = json.loads(next(p for p in tables if p.name.startswith("v2_table3_aspp_")).read_text())
     assert aspp["columns"] == report.WANDB_COLUMNS
     assert aspp["data"][0][:10] == ["v2_table3_aspp", "LargeFOV", "v2_largefov", "before CRF", "val/mIoU", 65.76,

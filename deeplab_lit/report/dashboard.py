@@ -136,6 +136,13 @@ def _section_figures(dashboard: Dashboard, section: Section, qualitative_images:
     else:
         section.notes["heatmap"] = "no per-class IoU recorded"
     runs = list({id(run): (row, run) for row in result.rows for run in row.runs}.values())
+    without = {}
+    for row, run in runs:
+        if run.per_image() is None:
+            why = run.per_image_note or "no per-image record"
+            without.setdefault(why, []).append(f"{row.row.label} · seed {run.seed}")
+    if without:
+        section.notes["intervals"] = "; ".join(f"{', '.join(labels)}: {why}" for why, labels in without.items())
     found = [(f"{row.row.label} · seed {run.seed}", run.curves()) for row, run in runs]
     png = figures.curves(found, f"{result.table.title}: training curves")
     missing = [label for label, curves in found if not curves]

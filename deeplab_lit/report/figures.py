@@ -156,8 +156,9 @@ def claims(result) -> Optional[bytes]:
     labels = [_claim_label(c, result.data is None) for c in reversed(shown)]
     axes.set_yticks(range(len(shown)), labels, fontsize=7)
     axes.set_ylim(-0.7, len(shown) - 0.3)
-    axes.set_xlabel("difference, mIoU points, higher − lower as the paper ranks them\n× paper, ● ours, bar: our 95 % "
-                    "interval" if result.data is None else "difference, mIoU points\n● ours, bar: 95 % interval",
+    paper_text = ("difference, mIoU points, higher − lower as the paper ranks them\n"
+                  "× paper, ● ours, bar: our 95 % interval")
+    axes.set_xlabel(paper_text if result.data is None else "difference, mIoU points\n● ours, bar: 95 % interval",
                     fontsize=7)
     axes.grid(axis="x", alpha=0.3)
     from matplotlib.patches import Patch

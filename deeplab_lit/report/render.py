@@ -125,8 +125,8 @@ def agreement_lines(result: TableResult) -> list[str]:
             paper_gain = None if before.paper is None or after.paper is None else after.paper - before.paper
             ours_gain = None if before.mean is None or after.mean is None else after.mean - before.mean
             if ours_gain is not None:
-                gains.append(f"{r.row.label}: " + (f"paper {fmt(paper_gain, True)}, ours " if result.data is None else "")
-                             + fmt(ours_gain, True))
+                paper_part = f"paper {fmt(paper_gain, True)}, ours " if result.data is None else ""
+                gains.append(f"{r.row.label}: {paper_part}{fmt(ours_gain, True)}")
         if gains:
             lines.append(f"{result.table.columns[1].label} − {result.table.columns[0].label}: " + "; ".join(gains))
     return lines
@@ -233,8 +233,24 @@ def other_rows(dashboard: Dashboard) -> list[list[str]]:
 
 
 OTHER_HEADER = ["experiment", "seed", "data", "val/mIoU", "95 % interval", "steps", "overrides", "source"]
+RUN_HEADER = ["row", "column", "seed", "mIoU", "95 % interval (images)", "images", "source"]
 
-FIGURE_TEXT = {"bars": "paper vs ours (error bars: our 95 % intervals)", "claims": "orderings: our differences",
+
+def run_rows(dashboard: Dashboard, result: TableResult) -> list[list[str]]:
+    """Every run of every cell with its own interval over images (per run and protocol)."""
+    lines = []
+    for r in result.rows:
+        for column, cell in zip(result.table.columns, r.cells):
+            key = cell.metric.removeprefix("val/")
+            for run, value in zip(cell.runs, cell.values):
+                counts = (run.per_image() or {}).get(key)
+                interval = dashboard.bootstrap.interval(counts).scaled(100.0) if counts else None
+                lines.append([r.row.label, column.label, str(run.seed), fmt(value), fmt_interval(interval),
+                              str(len(counts.names)) if counts else "—", run.source])
+    return lines
+
+FIGURE_TEXT = {"intervals": "no interval", "bars": "paper vs ours (error bars: our 95 % intervals)",
+               "claims": "orderings: our differences",
                "heatmap": "IoU per class across the rows", "curves": "training curves",
                "qualitative": "qualitative: image, ground truth, each row's prediction"}
 
@@ -251,14 +267,14 @@ def render_markdown(dashboard: Dashboard) -> str:
     out.append("")
     out += ['<a id="reading"></a>', "## How to read the significance column", "", *[f"{p}\n" for p in READING]]
     for section in dashboard.run_sections:
-        out += _markdown_section(section, 2)
+        out += _markdown_section(dashboard, section, 2)
     for data, sections in dashboard.other.items():
         out += [f'<a id="data-{sections[0].anchor.split("--")[0]}"></a>',
                 f"## On {data} (not compared with the papers)", "",
                 f"Runs of paper experiments evaluated on {data}: the papers' numbers are for other images, so "
                 "these tables show ours alone, with the differences between rows.", ""]
         for section in sections:
-            out += _markdown_section(section, 3)
+            out += _markdown_section(dashboard, section, 3)
     if dashboard.others:
         out += ['<a id="others"></a>', "## Runs in no paper table", "",
                 markdown_table(OTHER_HEADER, other_rows(dashboard)), ""]
@@ -278,13 +294,13 @@ def render_markdown(dashboard: Dashboard) -> str:
     return "\n".join(out) + "\n"
 
 
-def _markdown_section(section: Section, level: int) -> list[str]:
+def _markdown_section(dashboard: Dashboard, section: Section, level: int) -> list[str]:
     result, table = section.result, section.result.table
     paper = result.data is None
     out = [f'<a id="{section.anchor}"></a>', f"{'#' * level} {table.title}", "",
            f"`{table.id}`: {result.rows_run}/{len(result.rows)} rows run"
-           + (f"; {result.rows_within}/{result.rows_compared} within ±1 of the paper." if paper and result.rows_compared
-              else "."), ""]
+           + (f"; {result.rows_within}/{result.rows_compared} within ±1 of the paper."
+              if paper and result.rows_compared else "."), ""]
     out.append(markdown_table(table_header(table, paper), [table_cells(r, paper) for r in result.rows]))
     out.append("")
     claims, not_run = shown_claims(result)
@@ -294,6 +310,7 @@ def _markdown_section(section: Section, level: int) -> list[str]:
     out += [f"- {line}" for line in agreement_lines(result) + ([table.note] if table.note else [])]
     if not_run:
         out.append(f"- {not_run} more ordering(s) claimed by the paper involve rows not run.")
+    out += ["", "Runs, each with its own interval:", "", markdown_table(RUN_HEADER, run_rows(dashboard, result))]
     out.append("")
     for kind, name in section.figures.items():
         out += [f"![{table.title}: {FIGURE_TEXT[kind]}](figures/{name})", ""]
@@ -320,6 +337,7 @@ nav ul { columns: 2; font-size: 13px; } h2 { border-bottom: 1px solid #ddd; marg
 td.v-agrees-significant { background: #c7e9c0; } td.v-agrees-within-noise { background: #edf8e9; }
 td.v-disagrees { background: #fee6ce; } td.v-disagrees-significant { background: #fcbba1; }
 td.v-differs-significant { background: #c6dbef; }
+details { font-size: 13px; margin: 0.4em 0; }
 .legend { font-size: 13px; background: #f7f7f7; padding: 0.5em 1em; border-left: 3px solid #999; }
 """
 
@@ -393,8 +411,8 @@ def render_html(dashboard: Dashboard) -> str:
             result = section.result
             out.append(f"<h3 id='{e(section.anchor)}'>{e(result.table.title)}</h3>")
             out.append(f"<p class='note'><code>{e(result.table.id)}</code>: {len(result.rows)} rows, "
-                       f"{len(result.claims)} orderings claimed" + (f"; {e(result.table.note.rstrip('.'))}" if result.table.note
-                                                                    else "") + ".</p>")
+                       f"{len(result.claims)} orderings claimed"
+                       + (f"; {e(result.table.note.rstrip('.'))}" if result.table.note else "") + ".</p>")
             out.append(_html_table(idle_header(section), idle_rows(section)))
     return "\n".join(out + ["</body></html>"]) + "\n"
 
@@ -410,14 +428,17 @@ def _html_section(dashboard: Dashboard, section: Section, tag: str) -> list[str]
     paper = result.data is None
     out = [f"<{tag} id='{e(section.anchor)}'>{e(table.title)}</{tag}>",
            f"<p class='note'><code>{e(table.id)}</code>: {result.rows_run}/{len(result.rows)} rows run"
-           + (f"; {result.rows_within}/{result.rows_compared} within ±1 of the paper." if paper and result.rows_compared
-              else ".") + "</p>"]
+           + (f"; {result.rows_within}/{result.rows_compared} within ±1 of the paper."
+              if paper and result.rows_compared else ".") + "</p>"]
     out.append(_html_table(table_header(table, paper), [table_cells(r, paper) for r in result.rows],
                            ["" if r.runs else "not-run" for r in result.rows]))
     claims, not_run = shown_claims(result)
     if claims:
         header = CLAIM_HEADER if paper else CONTRAST_HEADER
         out.append(_html_table(header, [claim_cells(c, paper) for c in claims], verdict_column=len(header) - 1))
+    runs = run_rows(dashboard, result)
+    out.append(f"<details><summary>{len(runs)} run(s), each with its own interval</summary>"
+               + _html_table(RUN_HEADER, runs) + "</details>")
     lines = agreement_lines(result) + ([table.note] if table.note else [])
     if not_run:
         lines.append(f"{not_run} more ordering(s) claimed by the paper involve rows not run.")
@@ -504,6 +525,8 @@ def log_to_wandb(dashboard: Dashboard, target: str, out_dir: Path, sources: list
         logged = {key: wandb.Table(columns=WANDB_COLUMNS, data=wandb_rows(result))}
         if result.claims:
             logged[f"{key}_claims"] = wandb.Table(columns=WANDB_CLAIM_COLUMNS, data=wandb_claims(result))
+        if result.rows_run:
+            logged[f"{key}_runs"] = wandb.Table(columns=RUN_HEADER, data=run_rows(dashboard, result))
         for kind, name in section.figures.items():
             logged[f"{key}_{'' if kind == 'bars' else kind + '_'}chart"] = wandb.Image(str(out_dir / "figures" / name))
         for index, (_, name) in enumerate(section.confusions):
