@@ -31,7 +31,7 @@ def counts(fraction, noise_seed=None, noise=0, classes=21):
     return PerImageCounts(IMAGES, np.clip(intersection, 0, union), union, np.diag(union.sum(0)))
 
 
-def write_run(root, experiment, seed, by_metric, overrides=(), csv_rows=None, predictions=None):
+def write_run(root, experiment, seed, by_metric, overrides=(), csv_rows=None, predictions=None, backbone=None):
     """A run directory as fit writes it: summary.json whose metrics are the counts' (exactly), per_image.npz,
     predictions/ and, if given, a CSVLogger metrics.csv."""
     spec = resolve_experiment(experiment, [f"seed={seed}", *overrides])
@@ -43,9 +43,13 @@ def write_run(root, experiment, seed, by_metric, overrides=(), csv_rows=None, pr
         results[key.text] = MetricResult(miou=found.miou, pixel_acc=0.9, per_class_iou=per_class,
                                          protocol=protocol.describe(key.crf), per_image=found,
                                          predictions=predictions or {})
+    config = to_dict(spec.config)
+    if backbone:  # a backbone this branch cannot build (a timm: one): only the record says so
+        config["model"]["backbone"] = backbone
     record = SummaryRecord(
-        kind="fit", experiment=experiment, split="val", results=results, config=to_dict(spec.config),
-        class_names=list(spec.dataset.class_names), seed=seed, overrides=[f"seed={seed}", *overrides],
+        kind="fit", experiment=experiment, split="val", results=results, config=config,
+        class_names=list(spec.dataset.class_names), seed=seed,
+        overrides=[f"seed={seed}", *overrides, *([f"model.backbone={backbone}"] if backbone else [])],
         protocol={"train_output_stride": spec.config.model.output_stride, "effective_batch_size": 10},
         paper=to_dict(spec.config)["paper"], steps=spec.config.trainer["max_steps"])
     run_dir = root / experiment / f"{'-'.join(overrides) or 'default'}-seed{seed}"
@@ -77,13 +81,13 @@ def voc_runs(tmp_path):
                   csv_rows=CSV if seed == 0 else None)
         write_run(root, "aspp_s", seed, {"val/mIoU": counts(0.70, 10 + seed, 3), "val/mIoU_crf": same_after_crf})
     write_run(root, "aspp_l", 0, {"val/mIoU": counts(0.68, 20, 30), "val/mIoU_crf": counts(0.73)})
-    write_run(root, "aspp_s", 0, {"val/mIoU": counts(0.5, classes=6), "val/mIoU_crf": counts(0.55, classes=6)},
+    write_run(root, "aspp_s", 0, {"val/mIoU": counts(0.3, classes=6), "val/mIoU_crf": counts(0.35, classes=6)},
               overrides=["data.name=synthetic"])
-    write_run(root, "aspp_l", 0, {"val/mIoU": counts(0.52, classes=6), "val/mIoU_crf": counts(0.5, classes=6)},
+    write_run(root, "aspp_l", 0, {"val/mIoU": counts(0.32, classes=6), "val/mIoU_crf": counts(0.3, classes=6)},
               overrides=["data.name=synthetic"])
     write_run(root, "demo", 0, {"val/mIoU": counts(0.4, classes=6)}, csv_rows=CSV)
-    # another backbone swapped into a paper experiment (as a timm: backbone would be): not the paper's row
-    write_run(root, "v3plus_1conv", 0, {"val/mIoU": counts(0.6)}, overrides=["model.backbone=resnet50"])
+    # a timm: backbone swapped into a paper experiment: another network, not the paper's row
+    write_run(root, "v3plus_1conv", 0, {"val/mIoU": counts(0.6)}, backbone="timm:convnext_tiny")
     return root
 
 
@@ -177,7 +181,8 @@ def test_dashboard_page_sections_and_figures(voc_runs, tmp_path):
     paper_rows = markdown[markdown.index("## v2 Table 3"):markdown.index("## On the synthetic set")]
     assert "data.name=synthetic" not in paper_rows
     assert "| demo | 0 | the synthetic set |" in markdown
-    assert "| v3plus_1conv | 0 | PASCAL VOC 2012 val | 59.61 | [59.59, 59.63] |" in markdown and "- v3plus_1conv: no curve logged" in markdown
+    assert "| v3plus_1conv | 0 | PASCAL VOC 2012 val | 59.61 | [59.59, 59.63] | 30000 | seed=0, model.backbone=timm:" \
+        "convnext_tiny |" in markdown and "- v3plus_1conv: no curve logged" in markdown
     assert "| v3+ Table 1: decoder 1x1 projection width (one 3x3 conv, VOC val) | 0/5 |" in markdown
     page = (out / "report.html").read_text()
     assert len(re.findall(r"<img ", page)) == len(figures)
@@ -287,3 +292,40 @@ def test_the_page_in_headless_chromium(voc_runs, tmp_path):
     broken = out / "broken.html"
     broken.write_text("<html><body><img alt='x' src='data:image/png;base64,AAAA'></body></html>")
     assert check_images(broken)["broken"] == ["x"]
+
+
+def test_honest_axes(voc_runs):
+    """Bars start at 0; only VOC-level numbers (all far above 0) get a broken axis, drawn as two panels
+    (a stub from 0 and the range of the numbers) with break marks, and the axis label says where; the error
+    bars are the cells' 95 % intervals."""
+    from deeplab_lit.report import figures
+
+    assert figures.axis_break([65.76, 66.9, 71.57, 64.9]) == 55.0
+    assert figures.axis_break([37.4, 54.6, 30.2]) == 0.0 and figures.axis_break([]) == 0.0
+    assert figures.axis_break([44.0, 50.0]) == 0.0  # 35 would be a break, but less than BREAK_FROM
+    records = report.load_local(voc_runs)
+    voc = next(r for r in report.build_report(records, bootstrap=stats.Bootstrap(1000))
+               if r.table.id == "v2_table3_aspp")
+    top, stub = figures.bars_figure(voc).axes
+    assert stub.get_ylim()[0] == 0 and top.get_ylim()[0] == 60.0 and "axis broken: 0 … 60" in top.get_ylabel()
+    assert len(top.lines) >= 2  # the break marks
+    cell = voc.rows[0].cells[0]
+    error_bars = [c for c in top.containers if getattr(c, "has_yerr", False)]
+    segments = error_bars[0].lines[2][0].get_segments()  # ours before CRF: 3 rows, LargeFOV first
+    assert segments[0][0][1] == pytest.approx(cell.stats.interval.low)
+    assert segments[0][1][1] == pytest.approx(cell.stats.interval.high)
+    synthetic = report.build_report(records, data="the synthetic set", bootstrap=stats.Bootstrap(1000))
+    (axes,) = figures.bars_figure(synthetic[0]).axes
+    assert axes.get_ylim()[0] == 0 and axes.get_ylabel() == "mIoU (%), axis from 0"
+
+
+def test_curves_of_a_moved_run_directory(voc_runs):
+    """A runs/ directory copied to another machine: the summary's checkpoint path names the old place, the
+    CSV log is found beside the summary all the same."""
+    path = next(voc_runs.glob("v2_largefov/default-seed0/checkpoints/summary.json"))
+    data = json.loads(path.read_text())
+    data["checkpoint"] = "/elsewhere/runs/v2_largefov/default-seed0/checkpoints/best-step30000.ckpt"
+    path.write_text(json.dumps(data))
+    record = next(r for r in report.load_local(voc_runs) if r.summary_path == str(path))
+    assert record.run_dir == path.parent.parent
+    assert record.curves()["val/mIoU"] == [(4, 0.31), (9, 0.52)]

@@ -31,15 +31,20 @@ def dotted(config: dict, key: str) -> Any:
     return node
 
 
+TIMM_PREFIX = "timm:"
+
+
 def matches(record: RunRecord, table_row: Row) -> bool:
-    """The run is of the row's experiment(s), with the experiment's own backbone (a `timm:` or other backbone
-    swapped in is another network, not the paper's row), and has the row's defining values (whatever its data)."""
+    """The run is of the row's experiment(s) and has the row's defining values (whatever its data). A `timm:`
+    backbone swapped into a paper experiment is another network family, not the paper's row; other overrides
+    (e.g. ResNet-50 for a quick run) keep the row and are named in its notes."""
     if record.experiment not in table_row.experiments:
         return False
-    backbone = dotted(experiment_config(record.experiment), "model.backbone")
-    return dotted(record.config, "model.backbone") == backbone and all(
-        dotted(record.config, key) == value for key, value in table_row.where
-    )
+    backbone = str(dotted(record.config, "model.backbone") or "")
+    own = str(dotted(experiment_config(record.experiment), "model.backbone") or "")
+    if backbone.startswith(TIMM_PREFIX) and not own.startswith(TIMM_PREFIX):
+        return False
+    return all(dotted(record.config, key) == value for key, value in table_row.where)
 
 
 def row_eval_set(table_row: Row) -> str:

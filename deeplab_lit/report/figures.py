@@ -46,17 +46,26 @@ def wrap(label: str, width: int = 16) -> str:
     return "\n".join(lines)
 
 
+BREAK_FROM = 40.0  # break the axis only when every bar would otherwise be at least this tall and alike
+
+
 def axis_break(values: Sequence[float]) -> float:
-    """Where a broken axis resumes (0 = no break): 5 points below the lowest value, rounded down to 5,
-    only when that leaves more than 20 points of empty bar below every value."""
+    """Where a broken axis resumes (0 = no break, the axis starts at 0): 5 points below the lowest value,
+    rounded down to 5, when that is at least BREAK_FROM (VOC-level numbers, 60-80 %: the differences of a
+    point would be invisible from 0)."""
     if not values:
         return 0.0
     bottom = 5 * math.floor((min(values) - 5) / 5)
-    return float(bottom) if bottom > 20 else 0.0
+    return float(bottom) if bottom >= BREAK_FROM else 0.0
 
 
 def bars(result) -> bytes:
-    """Grouped bars: per row, paper (hatched) and ours (solid, 95 % interval) for every column."""
+    """Grouped bars: per row, paper (hatched) and ours (solid, 95 % interval) for every column. PNG bytes."""
+    return _png(bars_figure(result))
+
+
+def bars_figure(result):
+    """The figure of `bars`: one axes from 0, or two (the numbers' range above a stub from 0) with break marks."""
     table, rows = result.table, result.rows
     paper_shown = result.data is None
     series = len(table.columns) * (2 if paper_shown else 1)
@@ -100,10 +109,13 @@ def bars(result) -> bytes:
                     errors = np.array([[c.mean - c.stats.interval.low if c.stats else 0.0 for _, c in ours],
                                        [c.stats.interval.high - c.mean if c.stats else 0.0 for _, c in ours]])
                     errors = np.clip(errors, 0.0, None)
-                made = target.bar(x, y, width, yerr=errors, color=colour, capsize=2,
-                                  label=f"ours (mean, 95 % interval){suffix}" if target is axes else None)
-                if target is axes:
-                    axes.bar_label(made, [f"{v:.1f}" for v in y], fontsize=6, rotation=90, padding=2)
+                target.bar(x, y, width, yerr=errors, color=colour, capsize=2,
+                           label=f"ours (mean, 95 % interval){suffix}" if target is axes else None)
+                if target is axes:  # the value above its error bar
+                    for position, (_, cell) in zip(x, ours):
+                        top_of = cell.stats.interval.high if cell.stats else cell.mean
+                        axes.annotate(f"{cell.mean:.1f}", (position, max(top_of, cell.mean)), xytext=(0, 2),
+                                      textcoords="offset points", ha="center", va="bottom", fontsize=6, rotation=90)
         if paper_shown:
             for i, r in enumerate(rows):
                 if r.cells[index].mean is None:
@@ -112,8 +124,7 @@ def bars(result) -> bytes:
     axes.set_xlim(-0.5, len(rows) - 0.5)
     axes.set_ylim(bottom, top)
     axes.grid(axis="y", alpha=0.3)
-    axes.set_title(table.title + ("" if paper_shown else f" — on {result.data}, not compared with the paper"),
-                   fontsize=10)
+    axes.set_title(wrap(table.title, int(11 * size[0])), fontsize=10)
     labels = [wrap(r.row.label) for r in rows]
     if stub is not None:
         stub.set_ylim(0, (top - bottom) / 9)
@@ -133,7 +144,7 @@ def bars(result) -> bytes:
     if values:
         figure.legend(loc="outside lower center", ncols=series if series <= 2 or size[0] > 10 else 2, fontsize=7,
                       frameon=False)
-    return _png(figure)
+    return figure
 
 
 def claims(result) -> Optional[bytes]:

@@ -89,9 +89,10 @@ class RunRecord:
 
     @property
     def run_dir(self) -> Optional[Path]:
-        """The training run directory: the checkpoint's `<run dir>/checkpoints/..`, else the summary's."""
-        for candidate in (self.checkpoint, self.summary_path):
-            if candidate and Path(candidate).parent.name == "checkpoints":
+        """The training run directory, as it is on this machine: the summary's `<run dir>/checkpoints/..` (fit),
+        else the checkpoint's (an `evaluate --json` record elsewhere), else the summary's directory."""
+        for candidate in (self.summary_path, self.checkpoint):
+            if candidate and Path(candidate).parent.name == "checkpoints" and Path(candidate).parent.parent.is_dir():
                 return Path(candidate).parent.parent
         return Path(self.summary_path).parent if self.summary_path else None
 
