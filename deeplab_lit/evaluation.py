@@ -1,8 +1,10 @@
 """Evaluating a module under several protocols in one pass, and printing the per-class table.
 
-Used by `fit` (its final evaluation) and `evaluate`. Metrics come from one confusion matrix per
-protocol over the whole split, summed over DDP ranks; the DataModule's evaluation sampler gives each
-image to exactly one rank, so the result does not depend on the number of processes.
+Used by `fit` (its final evaluation) and `evaluate`. Metrics come from pixel counts per protocol over
+the whole split, gathered over DDP ranks; the DataModule's evaluation sampler gives each image to
+exactly one rank, so the result does not depend on the number of processes. Each result carries its
+per-image counts and the first `eval.qualitative_images` predictions, which `SummaryRecord.write`
+puts beside the JSON (`per_image.npz`, `predictions/`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def run_evaluation(trainer, module, datamodule, protocols: Sequence[Protocol], d
             numbers = raw[key.text]
             results[key.text] = MetricResult(
                 miou=numbers["mIoU"], pixel_acc=numbers["pixel_acc"], per_class_iou=numbers["per_class_iou"],
-                protocol=protocol.describe(crf=key.crf), checkpoint=checkpoint, step=step)
+                protocol=protocol.describe(crf=key.crf), checkpoint=checkpoint, step=step,
+                per_image=numbers.get("per_image"), predictions=numbers.get("predictions") or {})
     return results
 
 

@@ -13,20 +13,189 @@ One typed record with a schema version, so the writer and every reader agree on 
 `results` is keyed by `protocols.MetricKey` text; each entry carries the protocol that produced it and
 the checkpoint and step it was computed from. A per-class IoU of a class absent from both prediction and
 ground truth is null (it is left out of the mean).
+
+Beside the JSON, `SummaryRecord.write` puts two side files (never part of the JSON):
+
+- the per-image record `per_image.npz` (for `summary.json`; `X.per_image.npz` for any other `X.json`,
+  e.g. `evaluate --json os8.json` -> `os8.per_image.npz`), read with `numpy.load(allow_pickle=False)`:
+      names                 N image ids (str), in dataset order (also under DDP)
+      class_names           C class names
+      <K>.intersection      N x C int64: pixels of class c predicted c, per image, for metric key K
+      <K>.union             N x C int64: pixels predicted c or labelled c (ignored pixels excluded)
+      <K>.confusion         C x C int64: the split's confusion matrix (rows ground truth, columns prediction)
+  for every metric key K of `results` ("mIoU", "mIoU_os8_ms_flip", "mIoU_crf", ...). The reported mIoU is
+  `miou_from_counts(<K>.intersection.sum(0), <K>.union.sum(0))`, exactly (the same integers, the same
+  float64 operations), so the file reproduces the JSON's number bit for bit.
+- the predictions of the first `eval.qualitative_images` images: `predictions/<K>/<name>.png` (for
+  `summary.json`; `X.predictions/` for `X.json`), palette PNGs of class indices (VOC colours), `/` in
+  a name written as `__`. The report shows them beside the image and its ground truth.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+import numpy as np
 
 from deeplab_lit.errors import UserError
-from deeplab_lit.files import write_json_atomic
+from deeplab_lit.files import atomic_write, write_json_atomic
 from deeplab_lit.protocols import MetricKey
 
 SCHEMA_VERSION = 2
+PER_IMAGE_VERSION = 1
+
+
+def iou_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Per-class IoU (float64) from summed pixel counts (..., C); NaN where a class has an empty union
+    (absent from prediction and ground truth), as torchmetrics' JaccardIndex(zero_division=nan)."""
+    intersection, union = np.asarray(intersection, np.int64), np.asarray(union, np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+
+
+def miou_from_counts(intersection: np.ndarray, union: np.ndarray) -> float:
+    """The mean IoU over the classes with a non-zero union; NaN if there is none. The one function that
+    turns counts into the reported mIoU (the evaluation and every reader of per_image.npz call it)."""
+    per_class = iou_from_counts(intersection, union)
+    if np.isnan(per_class).all():
+        return float("nan")
+    return float(np.nanmean(per_class))
+
+
+@dataclass(frozen=True, eq=False)
+class PerImageCounts:
+    """One metric key's per-image pixel counts: intersection and union per image and class (N x C int64),
+    the image ids (dataset order) and the split's C x C confusion matrix (rows ground truth)."""
+
+    names: tuple[str, ...]
+    intersection: np.ndarray
+    union: np.ndarray
+    confusion: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+        object.__setattr__(self, "intersection", np.asarray(self.intersection, np.int64))
+        object.__setattr__(self, "union", np.asarray(self.union, np.int64))
+        shape = (len(self.names), self.intersection.shape[-1] if self.intersection.ndim == 2 else 0)
+        if self.intersection.shape != self.union.shape or self.intersection.ndim != 2 or \
+                self.intersection.shape[0] != len(self.names):
+            raise ValueError(f"per-image counts: {len(self.names)} names, intersection {self.intersection.shape}, "
+                             f"union {self.union.shape}; expected {shape} both")
+
+    @property
+    def miou(self) -> float:
+        return miou_from_counts(self.intersection.sum(0), self.union.sum(0))
+
+    @property
+    def per_class_iou(self) -> np.ndarray:
+        return iou_from_counts(self.intersection.sum(0), self.union.sum(0))
+
+    def subset(self, names) -> "PerImageCounts":
+        """These counts restricted to (and ordered as) `names`."""
+        position = {name: i for i, name in enumerate(self.names)}
+        rows = [position[name] for name in names]
+        return PerImageCounts(tuple(names), self.intersection[rows], self.union[rows], None)
+
+
+def sidecar_path(json_path: str | Path, name: str) -> Path:
+    """A side file of a summary record: `<dir>/<name>` beside `summary.json`, `<dir>/<stem>.<name>` beside
+    any other `<stem>.json` (so two evaluations written into one directory never share one)."""
+    json_path = Path(json_path)
+    if json_path.name == "summary.json":
+        return json_path.with_name(name)
+    return json_path.with_name(f"{json_path.stem}.{name}")
+
+
+def per_image_path(json_path: str | Path) -> Path:
+    return sidecar_path(json_path, "per_image.npz")
+
+
+def predictions_dir(json_path: str | Path) -> Path:
+    return sidecar_path(json_path, "predictions")
+
+
+def safe_name(name: str) -> str:
+    """An image id as a file name: '/' (and anything odd) -> '__'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "__", name.replace("/", "__")) or "_"
+
+
+def write_per_image(path: str | Path, counts: Mapping[str, PerImageCounts], class_names) -> Path:
+    """`per_image.npz` (see the module docstring); every key must cover the same images."""
+    keys = list(counts)
+    if not keys:
+        raise ValueError("no per-image counts to write")
+    names = counts[keys[0]].names
+    arrays = {"format_version": np.array(PER_IMAGE_VERSION), "names": np.array(names, dtype=str),
+              "class_names": np.array(list(class_names), dtype=str)}
+    for key in keys:
+        if counts[key].names != names:
+            raise ValueError(f"per-image counts of {key} cover other images than those of {keys[0]}")
+        arrays[f"{key}.intersection"] = counts[key].intersection
+        arrays[f"{key}.union"] = counts[key].union
+        if counts[key].confusion is not None:
+            arrays[f"{key}.confusion"] = np.asarray(counts[key].confusion, np.int64)
+    return atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
+
+
+def read_per_image(path: str | Path) -> dict[str, PerImageCounts]:
+    """The per-image counts of every metric key in a `per_image.npz`; a broken file is one line naming it."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path}: not a per_image.npz written by deeplab_lit ({type(error).__name__}); "
+                        "re-run the evaluation") from None
+    try:
+        names = tuple(arrays["names"].tolist())
+        keys = [name[: -len(".intersection")] for name in arrays if name.endswith(".intersection")]
+        return {key: PerImageCounts(names, arrays[f"{key}.intersection"], arrays[f"{key}.union"],
+                                    arrays.get(f"{key}.confusion")) for key in keys}
+    except (KeyError, ValueError) as error:
+        raise UserError(f"{path}: per-image record lacks or mangles {error}; re-run the evaluation") from None
+
+
+def write_predictions(directory: str | Path, predictions: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
+    """`<directory>/<key>/<name>.png` for every metric key's label maps (uint8 H x W), replacing what a
+    previous evaluation left there."""
+    from PIL import Image
+
+    directory = Path(directory)
+    for key, maps in predictions.items():
+        target = directory / key
+        if target.is_dir():
+            shutil.rmtree(target)
+        for name, labels in maps.items():
+            png = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
+            png.putpalette(PALETTE.reshape(-1).tolist())
+            buffer = io.BytesIO()
+            png.save(buffer, format="PNG")
+            atomic_write(target / f"{safe_name(name)}.png", lambda stream, data=buffer.getvalue(): stream.write(data))
+    return directory
+
+
+def _palette() -> np.ndarray:
+    """The PASCAL VOC colour map (256 x 3 uint8), as datamodules.readers.voc_palette (records may not
+    import datamodules)."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value, r, g, b = index, 0, 0, 0
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+PALETTE = _palette()
 
 
 @dataclass(frozen=True)
@@ -39,6 +208,9 @@ class MetricResult:
     protocol: dict  # Protocol.describe(crf) of the protocol that produced it
     checkpoint: str = ""
     step: Optional[int] = None
+    # Not in the JSON: written beside it by SummaryRecord.write (per_image.npz, predictions/).
+    per_image: Optional[PerImageCounts] = field(default=None, compare=False, repr=False)
+    predictions: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
         return {"mIoU": self.miou, "pixel_acc": self.pixel_acc,
@@ -91,6 +263,19 @@ class SummaryRecord:
         }
 
     def write(self, path: str | Path) -> Path:
+        """The JSON at `path`, and beside it (written first, so a JSON never pairs with older side files
+        of its own writing) the per-image record and the predictions of the results that carry them."""
+        path = Path(path)
+        counts = {key: r.per_image for key, r in self.results.items() if r.per_image is not None}
+        if counts:
+            write_per_image(per_image_path(path), counts, self.class_names)
+        else:
+            per_image_path(path).unlink(missing_ok=True)
+        predictions = {key: r.predictions for key, r in self.results.items() if r.predictions}
+        if predictions:
+            write_predictions(predictions_dir(path), predictions)
+        elif predictions_dir(path).is_dir():
+            shutil.rmtree(predictions_dir(path))
         return write_json_atomic(path, self.to_json())
 
     @classmethod

@@ -165,21 +165,32 @@ def test_markdown_and_self_contained_html(runs, tmp_path):
     code = report.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
     assert code == 0
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert ("| LargeFOV | v2_largefov | 65.76 | 65.85 ± 0.49 | +0.09 | 69.84 | 69.50 ± 0.71 | -0.34 | 2 | "
-            "train OS 8 · eval OS 8 · batch 10 · imagenet (torchvision) | "
+    # no per-image records in these hand-written summaries: no intervals, the rest as before
+    assert ("| LargeFOV | v2_largefov | 65.76 | 65.85 ± 0.49 | — | +0.09 | — | 69.84 | 69.50 ± 0.71 | — | -0.34 | — | "
+            "2 | train OS 8 · eval OS 8 · batch 10 · imagenet (torchvision) | "
             "1 more run(s) of the same seed(s) set aside |") in markdown
-    assert ("| ASPP-L {6, 12, 18, 24} | aspp_l | 68.96 | not run | — | 71.57 | not run | — | 0 | — | not run |"
+    assert ("| ASPP-L {6, 12, 18, 24} | aspp_l | 68.96 | not run | — | — | — | 71.57 | not run | — | — | — | 0 | — | "
+            "not run |" in markdown)
+    assert "`v2_table3_aspp`: 2/3 rows run; 2/2 within ±1 of the paper." in markdown
+    assert ("| ASPP-S {2, 4, 8, 12} > LargeFOV | before CRF | +1.22 | +1.05 | — | agrees (no interval) |"
             in markdown)
-    assert "`v2_table3_aspp`: 2/3 rows run." in markdown
-    assert "| demo | 0 | 14.00 | seed=0, wandb.mode=online, trainer.max_steps=2 |" in markdown
-    assert markdown.count("![") == len(report.TABLES)
+    assert "| LargeFOV > ASPP-S {2, 4, 8, 12} | after CRF | +0.11 | -0.20 | — | disagrees (no interval) |" in markdown
+    assert "| demo | 0 | the synthetic set | 14.00 | — | 2 | seed=0, wandb.mode=online, trainer.max_steps=2 |" in markdown
+    ran = {"v2_table3_aspp", "v2_table4_resnet", "crf_on_off", "v3_table5_aspp", "v3_table6_inference",
+           "v3_table10_train_os", "v3plus_table1_decoder", "v3plus_table2_decoder_convs", "v3plus_table3_inference"}
+    for table in report.TABLES:
+        assert f"](#{table.id})" in markdown  # every table in the contents
+        # a chart for the tables with runs; the others are listed with their paper numbers
+        assert (f"](figures/{table.id}.png)" in markdown) == (table.id in ran), table.id
+    assert "## Paper tables not run yet" in markdown and "| 7x7, rate 4, 4096 wide | v1_7x7 | 64.38 | 67.64 |" in markdown
     page = (tmp_path / "out" / "report.html").read_text()
-    sources = re.findall(r"(?:src|href)='([^']*)'", page)
-    assert len(sources) == len(report.TABLES) and all(s.startswith("data:image/png;base64,") for s in sources)
+    sources = re.findall(r"(?:src|href)='([^'#]*)'", page)
+    figures = sorted((tmp_path / "out" / "figures").rglob("*.png"))
+    assert len(sources) == len(figures) and all(s.startswith("data:image/png;base64,") for s in sources)
     figure = tmp_path / "out" / "figures" / "v2_table3_aspp.png"
-    embedded = base64.b64decode(sources[[t.id for t in report.TABLES].index("v2_table3_aspp")].split(",", 1)[1])
-    assert embedded == figure.read_bytes()
-    image = Image.open(io.BytesIO(embedded))
+    embedded = [base64.b64decode(s.split(",", 1)[1]) for s in sources]
+    assert figure.read_bytes() in embedded
+    image = Image.open(io.BytesIO(figure.read_bytes()))
     assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400
 
 
@@ -285,8 +296,10 @@ def test_log_wandb_writes_every_table_to_an_offline_run(runs, tmp_path, monkeypa
     out = tmp_path / "out"
     assert report.main(["--runs", str(runs), "--out", str(out), "--log-wandb", "ent/proj", "--wandb-mode", "offline"]) == 0
     tables = sorted(out.glob("wandb/offline-run-*/files/media/table/report/*.table.json"))
-    assert sorted(re.sub(r"_\d+_[0-9a-f]+\.table\.json$", "", p.name) for p in tables) == sorted(
+    names = sorted(re.sub(r"_\d+_[0-9a-f]+\.table\.json$", "", p.name) for p in tables)
+    assert [n for n in names if not n.endswith(("_claims", "_runs")) and n not in ("overview", "others")] == sorted(
         t.id for t in report.TABLES)
+    assert {"overview", "v2_table3_aspp_claims", "v2_table3_aspp_runs", "others"} <= set(names)
     aspp = json.loads(next(p for p in tables if p.name.startswith("v2_table3_aspp_")).read_text())
     assert aspp["columns"] == report.WANDB_COLUMNS
     assert aspp["data"][0][:10] == ["v2_table3_aspp", "LargeFOV", "v2_largefov", "before CRF", "val/mIoU", 65.76,
@@ -351,18 +364,34 @@ def real_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_on_real_run_directories(real_runs, tmp_path):
+    """Real 2-step fits on the synthetic set: their per-image records reproduce their summaries exactly, they
+    fill v2 Table 3 in the synthetic-set section with intervals and a qualitative panel, and no VOC paper row
+    takes them."""
     summaries = {(d["experiment"], d["seed"]): d for d in
                  (json.loads(p.read_text()) for p in real_runs.rglob("summary.json"))}
     assert sorted(summaries) == [("aspp_s", 0), ("v2_largefov", 0), ("v2_largefov", 1)]
-    assert report.main(["--runs", str(real_runs), "--out", str(tmp_path)]) == 0
-    results = by_id(report.build_report(report.load_local(real_runs)))
-    largefov, aspp_s, aspp_l = results["v2_table3_aspp"].rows
+    assert report.main(["--runs", str(real_runs), "--out", str(tmp_path), "--resamples", "1000"]) == 0
+    records = report.load_local(real_runs)
+    for record in records:
+        counts = record.per_image()
+        assert set(counts) == {"mIoU", "mIoU_crf"}, record.per_image_note
+        for key, found in counts.items():
+            assert found.miou == record.metrics[f"val/{key}"]  # exactly
+            assert len(found.names) == 2  # trainer.limit_val_batches=2, one image per batch
+        assert sorted(record.predictions("mIoU")) == sorted(counts["mIoU"].names)
+    assert by_id(report.build_report(records))["v2_table3_aspp"].rows_run == 0  # never against VOC numbers
+    results = by_id(report.build_report(records, data="the synthetic set", bootstrap=report.Bootstrap(1000)))
+    largefov, aspp_s = results["v2_table3_aspp"].rows
     for row_, experiment, seeds in [(largefov, "v2_largefov", [0, 1]), (aspp_s, "aspp_s", [0])]:
         for cell, metric in zip(row_.cells, ["val/mIoU", "val/mIoU_crf"]):
             assert cell.values == pytest.approx([100 * summaries[(experiment, s)]["metrics"][metric] for s in seeds])
+            assert cell.paper is None and cell.stats.n == len(seeds) and cell.stats.images == 2
         assert row_.protocol == "train OS 8 · eval OS 8 · batch 2 · random (no pre-training)"
         assert row_.notes == ["overrides: " + ", ".join(sorted(a[2:] for a in FIT_ARGS if not a.startswith(
             ("--data.root", "--data.num_workers", "--wandb"))))]
-    assert aspp_l.notes == ["not run"] and len(results["v2_table3_aspp"].agreements) == 2
-    assert "`v2_table3_aspp`: 2/3 rows run." in (tmp_path / "report.md").read_text()
+    assert results["v2_table3_aspp"].claims and not results["v2_table3_aspp"].agreements
+    markdown = (tmp_path / "report.md").read_text()
+    assert "### v2 Table 3: ASPP on VGG-16 (the synthetic set)" in markdown
+    for kind in ("png", "claims.png", "heatmap.png", "qualitative.png"):
+        assert (tmp_path / "figures" / f"the-synthetic-set--v2_table3_aspp.{kind}").is_file(), kind
     assert results["crf_on_off"].rows_run == 2

@@ -164,6 +164,8 @@ class EvalConfig(Section):
                                       "predicting (TF eval_crop_size, Caffe test crop); empty = to the stride only")
     protocols: tuple[ProtocolConfig, ...] = key((), "extra protocols fit's final evaluation reports, e.g. "
                                                     "[{name: os8, output_stride: 8}]")
+    qualitative_images: int = key(4, "predicted label maps of the first N images saved beside the summary "
+                                     "(predictions/) for the report's qualitative panel; 0 = none")
 
     def __post_init__(self):
         super().__post_init__()

@@ -27,7 +27,8 @@ def build_module(spec, network=None) -> SegmentationModule:
         network = build_model(spec.model_for_training(), spec.dataset.num_classes)
     return MODULES[config.model.generation](
         network, class_names=spec.dataset.class_names, recipe=config.optim, max_steps=config.trainer["max_steps"],
-        protocols=spec.protocols, crf=config.crf, log_images=config.wandb.log_images)
+        protocols=spec.protocols, crf=config.crf, log_images=config.wandb.log_images,
+        qualitative_images=config.eval.qualitative_images)
 
 
 __all__ = ["MODULES", "SegmentationModule", "build_module"]

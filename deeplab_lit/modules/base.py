@@ -3,8 +3,16 @@
 What is common: cross-entropy ignoring 255; SGD with momentum and weight decay over parameter groups
 (ImageNet-initialised vs new layers, weights vs biases and norms) so each generation's lr multipliers
 are data, not code; a poly (or step) schedule stepped every iteration from `trainer.max_steps`;
-dataset-level metrics (a confusion matrix accumulated over the whole validation set and summed over
-DDP ranks by torchmetrics, never averaged per batch); BatchNorm frozen, fine-tuned or synchronised.
+dataset-level metrics (pixel counts accumulated over the whole validation set and gathered over DDP
+ranks, never averaged per batch); BatchNorm frozen, fine-tuned or synchronised.
+
+Validation counts, for every metric key and every image, the intersection and union of each class
+(int64; ignored pixels, including the 255 padding of `pad_collate`, never count) and the split's
+confusion matrix; the first `qualitative_images` predicted label maps are kept. At the end of the epoch
+the ranks' records are gathered (every rank gets all of them, in dataset order: the evaluation sampler
+gives rank r the images r, r + n, ..., so interleaving the ranks' lists restores the order) and the
+reported mIoU is computed from the summed counts by `records.miou_from_counts`, the same function and the
+same integers a reader of `per_image.npz` uses: the file reproduces the reported number exactly.
 
 Where the loss is computed is the recipe's `optim.loss_at` (losses.py): at the logits' resolution
 (v1, v2) or at the input's (v3, v3+).
@@ -24,7 +32,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from deeplab_lit.config import CRFConfig, OptimConfig
 from deeplab_lit.errors import UserError
@@ -32,6 +39,7 @@ from deeplab_lit.inference import predict_probs
 from deeplab_lit.modules.losses import IGNORE_INDEX, loss_terms
 from deeplab_lit.models.batchnorm import batchnorm_layers
 from deeplab_lit.protocols import MetricKey, Protocol
+from deeplab_lit.records import PerImageCounts, iou_from_counts, miou_from_counts
 
 
 
@@ -51,7 +59,8 @@ class NonFiniteLossError(UserError):
 
 class SegmentationModule(L.LightningModule):
     def __init__(self, network: nn.Module, *, class_names, recipe: OptimConfig, max_steps: int,
-                 protocols=(Protocol(),), crf: CRFConfig = CRFConfig(), log_images: int = 4):
+                 protocols=(Protocol(),), crf: CRFConfig = CRFConfig(), log_images: int = 4,
+                 qualitative_images: int = 0):
         super().__init__()
         self.model = network
         self.class_names = list(class_names)
@@ -60,6 +69,7 @@ class SegmentationModule(L.LightningModule):
         self.max_steps = max_steps
         self.crf = crf
         self.log_images = log_images
+        self.qualitative_images = max(0, int(qualitative_images))
         self.set_protocols(protocols)
         self._wandb_images_logged = 0
 
@@ -169,21 +179,14 @@ class SegmentationModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------- evaluation
     def set_protocols(self, protocols: list[Protocol]) -> None:
-        """Which protocols validation computes; each gets its own dataset-level metrics."""
+        """Which protocols validation computes; each metric key gets its own dataset-level counts."""
         self.protocols = list(protocols)
-        metrics = {}
-        for protocol in self.protocols:
-            for metric_key in protocol.metric_keys():
-                metrics[metric_key.text] = nn.ModuleDict(
-                    {
-                        "iou": MulticlassJaccardIndex(
-                            self.num_classes, average="none", ignore_index=IGNORE_INDEX, zero_division=float("nan")
-                        ),
-                        "acc": MulticlassAccuracy(self.num_classes, average="micro", ignore_index=IGNORE_INDEX),
-                    }
-                )
-        device = next(self.model.parameters()).device
-        self.eval_metrics = nn.ModuleDict(metrics).to(device)
+        self.metric_keys = [key.text for protocol in self.protocols for key in protocol.metric_keys()]
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._counts = {key: _Counts(self.num_classes) for key in self.metric_keys}
+        self._unnamed = 0
 
     @staticmethod
     def metric_key(protocol: Protocol, crf: bool) -> str:
@@ -191,6 +194,7 @@ class SegmentationModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._eval_started = time.time()
+        self._reset_counts()
         self._wandb_images_logged = 0
         # The reference CRF runs one image per process: on CPU, keep every core busy by refining
         # images asynchronously while the network predicts the next ones (a bounded queue).
@@ -202,14 +206,15 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         masks = batch["mask"]
+        names = self._names(batch)
         for protocol in self.protocols:
             probs = predict_probs(self.model, batch["image"], protocol)
-            self._update(self.metric_key(protocol, False), probs, masks)
+            self._update(self.metric_key(protocol, False), probs, masks, names)
             if protocol.crf and getattr(self, "_crf_pool", None) is not None:
-                self._submit_crf(self.metric_key(protocol, True), probs, batch["rgb"], masks)
+                self._submit_crf(self.metric_key(protocol, True), probs, batch["rgb"], masks, names)
             elif protocol.crf:
                 refined = self.apply_crf(probs, batch["rgb"])
-                self._update(self.metric_key(protocol, True), refined, masks)
+                self._update(self.metric_key(protocol, True), refined, masks, names)
             if protocol is self.protocols[0]:
                 self.log_prediction_images(batch, probs)
 
@@ -218,16 +223,17 @@ class SegmentationModule(L.LightningModule):
 
         return dense_crf(probs, rgb, params=self.crf, backend=self.crf.backend)
 
-    def _submit_crf(self, key: str, probs: torch.Tensor, rgb: torch.Tensor, masks: torch.Tensor) -> None:
-        for prob, image, mask in zip(probs.float().cpu().numpy(), rgb.cpu().numpy(), masks.cpu()):
-            self._crf_pending.append((key, self._crf_pool.submit(prob, image, self.crf), mask))
+    def _submit_crf(self, key: str, probs: torch.Tensor, rgb: torch.Tensor, masks: torch.Tensor,
+                    names: list[str]) -> None:
+        for prob, image, mask, name in zip(probs.float().cpu().numpy(), rgb.cpu().numpy(), masks.cpu(), names):
+            self._crf_pending.append((key, self._crf_pool.submit(prob, image, self.crf), mask, name))
         while len(self._crf_pending) > 2 * self._crf_pool.workers:
             self._collect_crf()
 
     def _collect_crf(self) -> None:
-        key, result, mask = self._crf_pending.popleft()
+        key, result, mask, name = self._crf_pending.popleft()  # first in, first out: the order is kept
         refined = torch.from_numpy(result.get())[None].to(self.device)
-        self._update(key, refined, mask[None].to(self.device))
+        self._update(key, refined, mask[None].to(self.device), [name])
 
     def _finish_crf(self) -> None:
         if getattr(self, "_crf_pool", None) is None:
@@ -237,20 +243,46 @@ class SegmentationModule(L.LightningModule):
         self._crf_pool.close()
         self._crf_pool = None
 
-    def _update(self, key: str, probs: torch.Tensor, masks: torch.Tensor) -> None:
+    def _names(self, batch) -> list[str]:
+        """The batch's image ids; batches without any (unit tests) get '#0', '#1', ... in order."""
+        if "name" in batch:
+            return list(batch["name"])
+        first, self._unnamed = self._unnamed, self._unnamed + len(batch["mask"])
+        return [f"#{first + i}" for i in range(len(batch["mask"]))]
+
+    def _update(self, key: str, probs: torch.Tensor, masks: torch.Tensor, names: list[str] | None = None) -> None:
+        """Count one batch of predictions for metric key `key`: per image and class, intersection and
+        union (int64), and the split's confusion matrix. The padding image of a rank without images
+        (name "") is left out; its labels are all ignored anyway."""
         predictions = probs.argmax(dim=1)
-        self.eval_metrics[key]["iou"].update(predictions, masks)
-        self.eval_metrics[key]["acc"].update(predictions, masks)
+        if names is None:
+            names = self._names({"mask": masks})
+        confusion = per_image_confusion(predictions, masks, self.num_classes)  # B x C x C, on the device
+        counts = self._counts[key]
+        counts.confusion += confusion.sum(0).cpu()
+        diagonal = confusion.diagonal(dim1=1, dim2=2)
+        union = (confusion.sum(1) + confusion.sum(2) - diagonal).cpu().numpy()
+        intersection = diagonal.cpu().numpy()
+        for index, name in enumerate(names):
+            if not name:
+                continue
+            counts.names.append(name)
+            counts.intersection.append(intersection[index].copy())
+            counts.union.append(union[index].copy())
+            if len(counts.predictions) < self.qualitative_images:
+                counts.predictions[name] = predictions[index].to(torch.uint8).cpu().numpy()
 
     def on_validation_epoch_end(self) -> None:
         self._finish_crf()
+        gathered = self._gather_counts()
+        self._reset_counts()
         self.last_results = {}
-        for key, metric in self.eval_metrics.items():
-            per_class = metric["iou"].compute()
-            accuracy = metric["acc"].compute()
-            metric["iou"].reset()
-            metric["acc"].reset()
-            miou = mean_iou(per_class)
+        for key in self.metric_keys:
+            per_image, predictions = gathered[key]
+            per_class = iou_from_counts(per_image.intersection.sum(0), per_image.union.sum(0))
+            miou = miou_from_counts(per_image.intersection.sum(0), per_image.union.sum(0))
+            confusion = per_image.confusion
+            accuracy = float(np.trace(confusion) / confusion.sum()) if confusion.sum() else float("nan")
             metric_key = MetricKey.parse(key)
             self.log(metric_key.logged("mIoU"), miou, sync_dist=False)
             self.log(metric_key.logged("pixel_acc"), accuracy, sync_dist=False)
@@ -258,10 +290,39 @@ class SegmentationModule(L.LightningModule):
                 for name, value in zip(self.class_names, per_class.tolist()):
                     self.log(f"val/iou/{name}", value, sync_dist=False)
             self.last_results[key] = {
-                "mIoU": float(miou),
-                "pixel_acc": float(accuracy),
+                "mIoU": miou,
+                "pixel_acc": accuracy,
                 "per_class_iou": dict(zip(self.class_names, [float(v) for v in per_class.tolist()])),
+                "per_image": per_image,
+                "predictions": predictions,
             }
+
+    def _gather_counts(self) -> dict[str, tuple[PerImageCounts, dict]]:
+        """Every rank's counts, on every rank, in dataset order (ranks interleaved: rank r's j-th image is
+        image r + j * world size of the split), with the first `qualitative_images` predictions."""
+        local = {key: (c.names, c.intersection, c.union, c.confusion.numpy(), c.predictions)
+                 for key, c in self._counts.items()}
+        ranks = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        empty = np.zeros((0, self.num_classes), np.int64)
+        gathered = {}
+        for key in self.metric_keys:
+            parts = [rank[key] for rank in ranks]
+            order = dataset_order([len(p[0]) for p in parts])
+            names = [parts[r][0][j] for r, j in order]
+            intersection = np.stack([parts[r][1][j] for r, j in order]) if order else empty
+            union = np.stack([parts[r][2][j] for r, j in order]) if order else empty
+            confusion = sum(p[3] for p in parts)
+            shown = {}
+            for name in names:
+                for part in parts:
+                    if name in part[4] and len(shown) < self.qualitative_images:
+                        shown[name] = part[4][name]
+            gathered[key] = (PerImageCounts(tuple(names), intersection, union, confusion), shown)
+        return gathered
 
     def log_prediction_images(self, batch, probs: torch.Tensor) -> None:
         """A few validation images with predicted and true masks, when a W&B logger is attached."""
@@ -298,10 +359,33 @@ def _numpy_state_to_plain(state) -> tuple:
     return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
 
 
-def mean_iou(per_class: torch.Tensor) -> torch.Tensor:
-    """Mean over the classes that occur in prediction or ground truth of the evaluated set.
+def dataset_order(lengths: list[int]) -> list[tuple[int, int]]:
+    """(rank, position) of each image in dataset order, given how many images each rank evaluated:
+    the evaluation sampler gives rank r of n the images r, r + n, r + 2n, ..., so image i is position
+    i // n of rank i % n."""
+    return [(rank, j) for j in range(max(lengths, default=0)) for rank in range(len(lengths)) if j < lengths[rank]]
 
-    The per-class IoU comes from `MulticlassJaccardIndex(zero_division=nan)`: a class with an empty
-    union is NaN and left out, rather than counted as 0 against the model.
-    """
-    return per_class.nanmean()
+
+class _Counts:
+    """One metric key's validation counts on this rank, in the order the images came."""
+
+    def __init__(self, num_classes: int):
+        self.names: list[str] = []
+        self.intersection: list[np.ndarray] = []
+        self.union: list[np.ndarray] = []
+        self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+        self.predictions: dict[str, np.ndarray] = {}
+
+
+def per_image_confusion(predictions: torch.Tensor, masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """B x C x C int64 confusion matrices (rows ground truth, columns prediction) of a batch; pixels
+    labelled IGNORE_INDEX (255: void, and the padding of batched images) are left out."""
+    batch = predictions.shape[0]
+    valid = masks != IGNORE_INDEX
+    image = torch.arange(batch, device=masks.device).view(batch, *([1] * (masks.ndim - 1))).expand_as(masks)
+    codes = (image[valid] * num_classes + masks[valid]) * num_classes + predictions[valid]
+    if codes.is_cuda and torch.are_deterministic_algorithms_enabled():
+        counts = torch.bincount(codes.cpu(), minlength=batch * num_classes ** 2).to(codes.device)
+    else:
+        counts = torch.bincount(codes, minlength=batch * num_classes ** 2)
+    return counts.view(batch, num_classes, num_classes)

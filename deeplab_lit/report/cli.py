@@ -5,13 +5,15 @@ import argparse
 from pathlib import Path
 
 from deeplab_lit.errors import UserError
-from deeplab_lit.report.aggregate import build_report, unmatched
+from deeplab_lit.report.dashboard import build_dashboard
 from deeplab_lit.report.plan import plan
-from deeplab_lit.report.render import log_to_wandb, markdown_table, write_report
+from deeplab_lit.report.render import log_to_wandb, markdown_table, verdict_counts, write_report
 from deeplab_lit.report.sources import load_local, load_wandb
+from deeplab_lit.report.stats import Bootstrap
 
-DESCRIPTION = ("The ablation dashboard: every ablation table of the four papers, paper vs ours, from local run "
-               "directories (summary.json) and/or W&B.")
+DESCRIPTION = ("The ablation dashboard: every ablation table of the four papers, paper vs ours with intervals "
+               "and the significance of every ordering the papers claim, from local run directories "
+               "(summary.json, per_image.npz, metrics.csv) and/or W&B.")
 
 
 def parse_args(argv: list[str]):
@@ -25,6 +27,14 @@ def parse_args(argv: list[str]):
                         help="for --log-wandb (default: W&B's own, i.e. WANDB_MODE or online)")
     parser.add_argument("--log-wandb", nargs="?", const="", metavar="ENTITY/PROJECT",
                         help="log the tables to W&B (default: the --wandb project, else deeplab_lit)")
+    parser.add_argument("--resamples", type=int, default=2000,
+                        help="bootstrap resamples of the images per interval (default 2000, at least 1000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the image resamples (default 0)")
+    parser.add_argument("--qualitative-images", type=int, default=3, metavar="N",
+                        help="images in each table's qualitative panel (default 3; 0 = no panel)")
+    parser.add_argument("--confusion", action="append", default=[], metavar="TABLE[/ROW]",
+                        help="add confusion matrices: every row of a table, one row (1-based number or label), "
+                             "or 'all' (repeatable)")
     parser.add_argument("--catalogue", metavar="FILE", help="write the paper catalogue (docs/papers.md) and exit")
     parser.add_argument("--plan", action="store_true", help="print the sweeps' runs and GPU-hour estimates")
     parser.add_argument("--tflops", type=float, default=40.0,
@@ -68,16 +78,22 @@ def main(argv: list[str]) -> int:
     header.append("Sources: " + "; ".join(sources) + ".")
     header.append("mIoU in % on the validation set; ours = mean ± sample std over seeds (one run per seed); "
                   "ours − paper uses the mean.")
-    results = build_report(records)
-    others = unmatched(records)
-    paths = write_report(results, header, others, Path(args.out))
-    for result in results:
+    if args.resamples < 1000:
+        raise UserError(f"--resamples {args.resamples}: use at least 1000 for a 95 % interval")
+    dashboard = build_dashboard(records, header, bootstrap=Bootstrap(args.resamples, args.bootstrap_seed),
+                                qualitative_images=args.qualitative_images, confusion=tuple(args.confusion))
+    paths = write_report(dashboard, Path(args.out))
+    for section in dashboard.all_sections:
+        result = section.result
         verdicts = ", ".join(f"{a.column}: {'agrees' if a.agrees else 'differs'}" for a in result.agreements)
-        print(f"{result.table.id:<30} {result.rows_run}/{len(result.rows)} rows run"
-              + (f"; ordering {verdicts}" if verdicts else ""))
-    print(f"wrote {paths['markdown']}, {paths['html']} and {len(results)} figures in {paths['figures']}")
+        counts = verdict_counts(result.claims)
+        tested = {k: v for k, v in counts.items() if v and k != "untested"}
+        print(f"{section.anchor:<30} {result.rows_run}/{len(result.rows)} rows run"
+              + (f"; ordering {verdicts}" if verdicts else "")
+              + (f"; claims: {', '.join(f'{v} {k}' for k, v in tested.items())}" if tested else ""))
+    print(f"wrote {paths['markdown']}, {paths['html']} and {len(dashboard.images)} figures in {paths['figures']}")
     if args.log_wandb is not None:
         target = args.log_wandb or args.wandb or "deeplab_lit"
-        print(f"logged to W&B: {log_to_wandb(results, target, Path(args.out), sources, args.wandb_mode)}")
+        print(f"logged to W&B: {log_to_wandb(dashboard, target, Path(args.out), sources, args.wandb_mode)}")
     return 0
 
