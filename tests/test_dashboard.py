@@ -152,8 +152,10 @@ def test_dashboard_page_sections_and_figures(voc_runs, tmp_path):
     # the overview first, then the contents, the reading guide, the tables with runs
     assert markdown.index("## Overview") < markdown.index("## Contents") < markdown.index(
         "## How to read the significance column") < markdown.index("## v2 Table 3")
-    assert "2 of 16 paper tables have runs on the papers' image sets: v2_table3_aspp, crf_on_off." in markdown
-    assert "2 of 6 rows compared are within ±1 mIoU of the paper." in markdown  # LargeFOV in both tables
+    # v2_largefov is also v2 Table 2's batch 10, 20K row
+    assert ("3 of 25 paper tables have runs on the papers' image sets: v2_table2_recipe, v2_table3_aspp, "
+            "crf_on_off.") in markdown
+    assert "3 of 7 rows compared are within ±1 mIoU of the paper." in markdown  # LargeFOV in all three tables
     assert "Reproduced and significant: ASPP-S {2, 4, 8, 12} > LargeFOV (before CRF)" in markdown
     # 3 row pairs x 2 columns + 3 rows x (after CRF > before CRF)
     assert "| v2 Table 3: ASPP on VGG-16 (VOC val) | 3/3 | 1/3 | 5 | 2 | 1 | 1 | 0 |" in markdown
