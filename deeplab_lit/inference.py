@@ -12,8 +12,9 @@ resized. Images arrive normalised, so padding with 0 is padding with the dataset
   are cropped back to the image at the end.
 - slide: windows of `slide_crop` every `slide_stride` pixels (the last window flush with the border),
   each predicted whole, logits averaged where windows overlap (Cityscapes, v2 Table 9).
-- scales / flip: the softmax probabilities of every scale (image resized bilinearly) and of its
-  horizontal flip, each resized back to the full image, averaged (v3 Table 6, v3+ Table 3). Scale 1
+- scales / flip: the softmax probabilities of every scale (image resized bilinearly with the model's
+  `align_corners`, to TF's `scale_dimension` size on the corner-aligned grid: 513 -> 385 at 0.75) and of
+  its horizontal flip, each resized back to the full image, averaged (v3 Table 6, v3+ Table 3). Scale 1
   without flip resizes nothing, so it is exactly the plain prediction.
 - output stride: `evaluation_output_stride(model, os)` switches the dilations in place for the
   evaluation only and restores the training stride afterwards (v3 Table 10, v3+ Table 3).
@@ -21,12 +22,12 @@ resized. Images arrive normalised, so padding with 0 is padding with the dataset
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from deeplab_lit.models.resize import resize_bilinear, scaled_length
 from deeplab_lit.protocols import Protocol
 
 
@@ -100,14 +101,15 @@ def predict_probs(model, images: torch.Tensor, protocol: Protocol) -> torch.Tens
     if protocol.canvas:
         images = pad_bottom_right(images, *protocol.canvas)
     height, width = images.shape[-2:]
+    align = model.align_corners
     with evaluation_output_stride(model, protocol.output_stride):
         probs_sum = None
         count = 0
         for scale in protocol.scales:
             scaled = images
             if scale != 1.0:
-                size = (max(1, int(math.floor(height * scale + 0.5))), max(1, int(math.floor(width * scale + 0.5))))
-                scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+                size = (scaled_length(height, scale, align), scaled_length(width, scale, align))
+                scaled = resize_bilinear(images, size, align)
             for flipped in [False, True] if protocol.flip else [False]:
                 inputs = scaled.flip(-1) if flipped else scaled
                 if protocol.mode == "slide":
@@ -116,8 +118,7 @@ def predict_probs(model, images: torch.Tensor, protocol: Protocol) -> torch.Tens
                     logits = predict_logits_whole(model, inputs, align=not protocol.canvas)
                 if flipped:
                     logits = logits.flip(-1)
-                if logits.shape[-2:] != (height, width):
-                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                logits = resize_bilinear(logits, (height, width), align)
                 probs = logits.float().softmax(dim=1)
                 probs_sum = probs if probs_sum is None else probs_sum + probs
                 count += 1

@@ -55,6 +55,7 @@ class SymmetricNet(nn.Module):
     """A flip-equivariant network: stride-1 convolutions whose kernels are left-right symmetric."""
 
     output_stride = 1
+    align_corners = True
 
     def __init__(self):
         super().__init__()
@@ -86,15 +87,22 @@ def test_flip_of_a_flip_symmetric_input_on_a_real_model(v3):
 
 
 @torch.no_grad()
-def test_multi_scale_is_the_mean_of_per_scale_probabilities(v3):
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_multi_scale_is_the_mean_of_per_scale_probabilities(v3, align_corners):
+    v3.align_corners = align_corners
     images = torch.randn(1, 3, 40, 48)
     probs = predict_probs(v3, images, Protocol(scales=[0.5, 1.0, 1.5]))
     expected = 0
     for scale in (0.5, 1.0, 1.5):
-        size = (int(40 * scale + 0.5), int(48 * scale + 0.5))
-        scaled = images if scale == 1.0 else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        # the corner-aligned grid (TF's scale_dimension): (n - 1) * s + 1; else rounded n * s
+        size = (int(39 * scale + 1), int(47 * scale + 1)) if align_corners else (int(40 * scale + 0.5),
+                                                                                  int(48 * scale + 0.5))
+        scaled = images if scale == 1.0 else F.interpolate(images, size=size, mode="bilinear",
+                                                           align_corners=align_corners)
         logits = predict_logits_whole(v3, scaled)
-        expected = expected + F.interpolate(logits, size=(40, 48), mode="bilinear", align_corners=False).softmax(1)
+        expected = expected + F.interpolate(logits, size=(40, 48), mode="bilinear",
+                                            align_corners=align_corners).softmax(1)
+    v3.align_corners = True
     assert torch.allclose(probs, expected / 3, atol=1e-6)
     assert torch.allclose(probs.sum(1), torch.ones(1, 40, 48), atol=1e-5)
 

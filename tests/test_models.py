@@ -370,13 +370,13 @@ def test_msc_fuses_scales_by_max_at_the_largest_scale():
         train_out = model.train()(x)
     maps = [model.head.maps[size] for size in [(65, 65), (48, 48), (32, 32)]]  # floor(65 * s)
     assert [tuple(m.shape[-2:]) for m in maps] == [(9, 9), (6, 6), (4, 4)]
-    upsampled = [maps[0]] + [F.interpolate(m, size=(9, 9), mode="bilinear", align_corners=False)
-                             for m in maps[1:]]
+    upsampled = [maps[0]] + [F.interpolate(m, size=(9, 9), mode="bilinear", align_corners=True)
+                             for m in maps[1:]]  # model.align_corners: true by default (Caffe's Interp)
     expected = torch.stack(upsampled).max(dim=0).values
     assert torch.equal(train_out["logits"], expected)
     assert all(torch.equal(a, b) for a, b in zip(train_out["scale_logits"], maps))
     assert torch.equal(train_out["out"], F.interpolate(expected, size=(65, 65), mode="bilinear",
-                                                       align_corners=False))
+                                                       align_corners=True))
     with torch.no_grad():
         eval_out = model.eval()(x)
     assert set(eval_out) == {"logits", "out"} and torch.equal(eval_out["logits"], expected)

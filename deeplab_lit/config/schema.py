@@ -101,6 +101,8 @@ class ModelConfig(Section):
     bn: Literal["frozen", "frozen_stats", "finetune", "sync"] = key(
         "finetune", "BatchNorm: frozen (Caffe: statistics and affine fixed), frozen_stats (TF fine_tune_batch_norm="
                     "false: statistics fixed, affine trained), finetune, sync (across processes)")
+    align_corners: bool = key(True, "bilinear resizes align corners, as Caffe's Interp (v1, v2) and TF DeepLab's "
+                                    "resize_bilinear (v3, v3+) do; false = PyTorch's half-pixel convention")
     bn_momentum: float = key(0.0003, "BatchNorm momentum, PyTorch convention (TF decay 0.9997 = 0.0003)")
 
 

@@ -57,7 +57,7 @@ HEADS.register("aspp", lambda cfg, backbone, n: ASPPHead(build_aspp(cfg, backbon
 
 def _deeplab(cfg, backbone, head) -> DeepLab:
     return DeepLab(backbone, head, generation=cfg.generation, msc_scales=cfg.msc_scales, msc_sizes=cfg.msc_sizes,
-                   bn_mode=cfg.bn, bn_momentum=cfg.bn_momentum)
+                   bn_mode=cfg.bn, bn_momentum=cfg.bn_momentum, align_corners=cfg.align_corners)
 
 
 def _backbone_and_head(cfg, backbone, num_classes) -> DeepLab:
@@ -70,7 +70,8 @@ def _v3plus(cfg, backbone, num_classes) -> DeepLab:
                        features=[(name, backbone.feature_channels[name]) for name in names],
                        logits_stride=backbone.feature_strides[names[-1]],
                        decoder_channels=cfg.decoder_channels, decoder_convs=cfg.decoder_convs,
-                       decoder_width=cfg.decoder_width, decoder_kernel=cfg.decoder_kernel, separable=cfg.separable)
+                       decoder_width=cfg.decoder_width, decoder_kernel=cfg.decoder_kernel, separable=cfg.separable,
+                       align_corners=cfg.align_corners)
     return _deeplab(cfg, backbone, head)
 
 

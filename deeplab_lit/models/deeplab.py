@@ -7,20 +7,22 @@
   scale's input size). Every conv, pool and stride in the zoo is padded so that each stride-2 step
   maps n to ceil(n / 2), which is where this rule comes from; it is what the v1 loss needs to
   downsample the ground truth to the logits (nearest).
-- `"out"`: the logits upsampled bilinearly (align_corners=False) to the input size.
+- `"out"`: the logits upsampled bilinearly to the input size.
 - with MSC (`msc_scales`, v2 Sec. 3.3) in training mode, `"scale_logits"`: each scale's logits at
   its own head resolution, in `msc_scales` order, for the loss that sums every scale's and the fused
   logits' cross-entropy.
 
-MSC: the input is resized bilinearly (align_corners=False) for each scale s (s = 1 runs on the input
+MSC: the input is resized bilinearly for each scale s (s = 1 runs on the input
 itself) to `msc_sizes`: "floor" = floor(H * s) (what `F.interpolate(scale_factor=s)` gives) or "caffe"
 = DeepLab v2's Interp layer arithmetic for s = p/q: shrink by q then zoom by p, ((H - 1) // q) * p + 1
 (deeplab-public interp_layer.cpp: shrink (n - 1) / q + 1, zoom n + (n - 1)(p - 1)); for the 321 crop
 and s = 0.75, 0.5 that is 241 and 161 (floor: 240, 160). The same
 backbone and head run on each, every scale's logits are upsampled bilinearly to the largest scale's
 logits size and fused by element-wise max into `"logits"`. Evaluation returns only the fused map.
-DeepLab v2's Caffe code resizes with align_corners=True semantics; we use False throughout, like
-torchvision and TF-DeepLab v3+.
+
+Every bilinear resize of the zoo (here, the v3+ decoder, the loss, multi-scale evaluation) goes through
+`resize.resize_bilinear` with the model's `align_corners` (`model.align_corners`; the papers' code aligns
+corners, see resize.py).
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ import math
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deeplab_lit.models.batchnorm import apply_batchnorm_policy, keep_frozen_layers_in_eval
+from deeplab_lit.models.resize import resize_bilinear
 
 
 MSC_SIZES = ("floor", "caffe")
@@ -53,12 +55,6 @@ def scaled_size(height: int, width: int, scale: float, rule: str = "floor") -> t
     return max(1, math.floor(height * scale + 1e-9)), max(1, math.floor(width * scale + 1e-9))
 
 
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 class DeepLab(nn.Module):
     """Any DeepLab generation; `generation` is a label, the structure comes from backbone and head.
 
@@ -66,8 +62,10 @@ class DeepLab(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, generation: str, msc_scales=(),
-                 msc_sizes: str = "floor", bn_mode: str = "finetune", bn_momentum: float = 0.1):
+                 msc_sizes: str = "floor", bn_mode: str = "finetune", bn_momentum: float = 0.1,
+                 align_corners: bool = True):
         super().__init__()
+        self.align_corners = align_corners
         self.backbone = backbone
         self.head = head
         self.generation = generation
@@ -117,16 +115,16 @@ class DeepLab(nn.Module):
         else:
             scale_logits = []
             for scale in self.msc_scales:
-                xs = x if scale == 1.0 else F.interpolate(
-                    x, size=scaled_size(size[0], size[1], scale, self.msc_sizes), mode="bilinear",
-                    align_corners=False)
+                xs = x if scale == 1.0 else resize_bilinear(
+                    x, scaled_size(size[0], size[1], scale, self.msc_sizes), self.align_corners)
                 scale_logits.append(self._logits(xs))
             largest = scale_logits[self.msc_scales.index(max(self.msc_scales))]
-            fused = functools.reduce(torch.maximum, [_upsample(l, largest.shape[-2:]) for l in scale_logits])
+            fused = functools.reduce(torch.maximum, [resize_bilinear(l, largest.shape[-2:], self.align_corners)
+                                                     for l in scale_logits])
             outputs = {"logits": fused}
             if self.training:
                 outputs["scale_logits"] = scale_logits
-        outputs["out"] = _upsample(outputs["logits"], size)
+        outputs["out"] = resize_bilinear(outputs["logits"], size, self.align_corners)
         return outputs
 
     # --- introspection for training and the summary command --------------------------------------

@@ -136,7 +136,7 @@ class SegmentationModule(L.LightningModule):
         return self.model(images)
 
     def loss_terms(self, outputs: dict, masks: torch.Tensor) -> list[torch.Tensor]:
-        return loss_terms(outputs, masks, self.recipe.loss_at)
+        return loss_terms(outputs, masks, self.recipe.loss_at, self.model.align_corners)
 
     def compute_loss(self, outputs: dict, masks: torch.Tensor) -> torch.Tensor:
         terms = self.loss_terms(outputs, masks)

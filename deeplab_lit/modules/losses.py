@@ -8,13 +8,15 @@
   pyramid the loss sums the cross-entropy of every scale's logits and of the max-fused logits, each
   against the ground truth shrunk to that map's size, as the v2 MSC prototxts do.
 - "input" (v3, v3+; v3 Sec. 4.1): "we upsample the final logits instead of downsampling the ground
-  truth": cross-entropy of the logits upsampled to the full-resolution ground truth (v3 Table 8 measures
+  truth": cross-entropy of the logits upsampled (the model's align_corners) to the full-resolution ground truth (v3 Table 8 measures
   the difference). MSC scale terms, if any, use each scale's logits upsampled the same way.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from deeplab_lit.models.resize import resize_bilinear
 
 IGNORE_INDEX = 255
 
@@ -38,16 +40,15 @@ def loss_at_logit_resolution(logits: torch.Tensor, masks: torch.Tensor) -> torch
     return F.cross_entropy(logits, downsample_labels(masks, logits.shape[-2:]), ignore_index=IGNORE_INDEX)
 
 
-def loss_at_input_resolution(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    if tuple(logits.shape[-2:]) != tuple(masks.shape[-2:]):
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+def loss_at_input_resolution(logits: torch.Tensor, masks: torch.Tensor, align_corners: bool) -> torch.Tensor:
+    logits = resize_bilinear(logits, masks.shape[-2:], align_corners)
     return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
 
 
-def loss_terms(outputs: dict, masks: torch.Tensor, loss_at: str) -> list[torch.Tensor]:
+def loss_terms(outputs: dict, masks: torch.Tensor, loss_at: str, align_corners: bool) -> list[torch.Tensor]:
     """One term for the network's output and one per MSC scale (training with `msc_scales` only)."""
     if loss_at == "logits":
         maps = [outputs["logits"], *outputs.get("scale_logits", [])]
         return [loss_at_logit_resolution(logits, masks) for logits in maps]
-    return [loss_at_input_resolution(outputs["out"], masks),
-            *(loss_at_input_resolution(logits, masks) for logits in outputs.get("scale_logits", []))]
+    return [loss_at_input_resolution(outputs["out"], masks, align_corners),
+            *(loss_at_input_resolution(logits, masks, align_corners) for logits in outputs.get("scale_logits", []))]

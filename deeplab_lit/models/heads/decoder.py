@@ -4,7 +4,7 @@ encoder = v3 ASPP (without classifier) on `features["out"]`. The decoder takes o
 features, coarse to fine (`model.decoder_features`; empty = the backbone's stride-4 feature, the paper's
 model: ResNet `layer1` = "Conv2", Xception TF's entry-flow end point, timm `stride4`). For each: the
 low-level map -> 1x1 conv `decoder_channels` (48) + BN + ReLU; the running decoder map is upsampled
-bilinearly (align_corners=False) to that map's size (x4 at OS 16 for layer1; to the exact size, so odd
+bilinearly (the model's `align_corners`, TF's True) to that map's size (x4 at OS 16 for layer1; to the exact size, so odd
 inputs work), concatenated [decoder, low-level] and refined by `decoder_convs` convs of `decoder_width`
 channels and kernel `decoder_kernel` (BN, ReLU, no bias). Then a 1x1 classifier.
 
@@ -23,11 +23,11 @@ nor has this one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deeplab_lit.models.heads.aspp import ASPP, ASPPEncoderHead, conv_bn_relu, separable_conv_bn_relu
 from deeplab_lit.models.heads.fc import init_classifier, init_hidden
+from deeplab_lit.models.resize import resize_bilinear
 
 
 def refine(in_channels: int, convs: int, width: int, kernel: int, separable: bool) -> tuple[nn.Sequential, int]:
@@ -43,14 +43,15 @@ class DecoderStage(nn.Module):
     """A coarser decoder step (Conv3 of the Conv2 + Conv3 variant): project, upsample, concatenate, refine."""
 
     def __init__(self, in_channels: int, low_level_channels: int, *, projection: int, convs: int, width: int,
-                 kernel: int, separable: bool):
+                 kernel: int, separable: bool, align_corners: bool):
         super().__init__()
+        self.align_corners = align_corners
         self.low_level = conv_bn_relu(low_level_channels, projection, 1)
         self.fuse, self.out_channels = refine(in_channels + projection, convs, width, kernel, separable)
 
     def forward(self, decoder: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
         low = self.low_level(low_level)
-        decoder = F.interpolate(decoder, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        decoder = resize_bilinear(decoder, low.shape[-2:], self.align_corners)
         return self.fuse(torch.cat([decoder, low], dim=1))
 
 
@@ -60,15 +61,17 @@ class DecoderHead(ASPPEncoderHead):
 
     def __init__(self, aspp: ASPP, num_classes: int, *, features: list[tuple[str, int]], logits_stride: int,
                  decoder_channels: int = 48, decoder_convs: int = 2, decoder_width: int = 256,
-                 decoder_kernel: int = 3, separable: bool = False):
+                 decoder_kernel: int = 3, separable: bool = False, align_corners: bool = True):
         super().__init__(aspp)
+        self.align_corners = align_corners
         *coarse, (self.low_level_key, finest_channels) = features
         self.coarse_features = [name for name, _ in coarse]
         self.logits_stride = logits_stride
         refinement = dict(convs=decoder_convs, width=decoder_width, kernel=decoder_kernel, separable=separable)
         channels, stages = aspp.project[0].out_channels, []
         for _, low_level_channels in coarse:
-            stages.append(DecoderStage(channels, low_level_channels, projection=decoder_channels, **refinement))
+            stages.append(DecoderStage(channels, low_level_channels, projection=decoder_channels,
+                                       align_corners=align_corners, **refinement))
             channels = stages[-1].out_channels
         self.coarse = nn.ModuleList(stages)
         self.low_level = conv_bn_relu(finest_channels, decoder_channels, 1)
@@ -82,5 +85,5 @@ class DecoderHead(ASPPEncoderHead):
         for name, stage in zip(self.coarse_features, self.coarse):
             decoder = stage(decoder, features[name])
         low = self.low_level(features[self.low_level_key])
-        decoder = F.interpolate(decoder, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        decoder = resize_bilinear(decoder, low.shape[-2:], self.align_corners)
         return self.classifier(self.fuse(torch.cat([decoder, low], dim=1)))
