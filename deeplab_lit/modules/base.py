@@ -105,7 +105,10 @@ class SegmentationModule(L.LightningModule):
         return poly_factor(step, self.max_steps, optim.poly_power)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameter_groups(), lr=self.recipe.lr, momentum=self.recipe.momentum)
+        groups = self.parameter_groups()
+        # Learning-rate curves: `lr-SGD` (the base rate) and one `lr-SGD/<group>` per group whose rate differs.
+        self._lr_mults = {group["name"]: group["lr_mult"] for group in groups if group["lr_mult"] != 1.0}
+        optimizer = torch.optim.SGD(groups, lr=self.recipe.lr, momentum=self.recipe.momentum)
         # Stepped every iteration (interval "step"), so the learning rate decays smoothly within epochs.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
@@ -127,7 +130,10 @@ class SegmentationModule(L.LightningModule):
                 "kept); lower optim.lr or check the data"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["image"]))
-        self.log("lr-SGD", self.recipe.lr * self.lr_factor(self.global_step), on_step=True, on_epoch=False)
+        lr = self.recipe.lr * self.lr_factor(self.global_step)
+        self.log("lr-SGD", lr, on_step=True, on_epoch=False)
+        for name, mult in getattr(self, "_lr_mults", {}).items():
+            self.log(f"lr-SGD/{name}", lr * mult, on_step=True, on_epoch=False)
         return loss
 
     # ---------------------------------------------------------------------------- resume
@@ -231,7 +237,10 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._finish_crf()
         self.last_results = {}
+        self.last_confusion = {}
         for key, metric in self.eval_metrics.items():
+            with metric["iou"].sync_context():  # the confusion matrix over every rank (pixels, rows = truth)
+                self.last_confusion[key] = metric["iou"].confmat.detach().cpu().clone()
             per_class = metric["iou"].compute()
             accuracy = metric["acc"].compute()
             metric["iou"].reset()
