@@ -32,7 +32,13 @@ from deeplab_lit.models.batchnorm import apply_batchnorm_policy, keep_frozen_lay
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """Input size of one MSC scale: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100)."""
+    """Input size of one MSC scale: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100).
+
+    While tracing (ONNX/TorchScript export) the sizes are tensors: the same arithmetic is kept as graph
+    operations, so the exported pyramid follows the input size instead of freezing the traced one."""
+    if isinstance(height, torch.Tensor):
+        return tuple(torch.clamp(torch.floor(n.to(torch.float64) * scale + 1e-9), min=1).to(torch.int64)
+                     for n in (height, width))
     return max(1, math.floor(height * scale + 1e-9)), max(1, math.floor(width * scale + 1e-9))
 
 
