@@ -29,6 +29,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    # OpenCV prints its decoder's own WARN/ERROR lines for a corrupt image; readers.read_image reports it in
+    # one line naming the file, so the library's lines are left out (DataLoader workers inherit this).
+    from cv2.utils import logging as cv2_logging
+
+    cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:

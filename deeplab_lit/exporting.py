@@ -14,8 +14,8 @@ Not inside: the evaluation protocol's input scales and flip (`eval.scales`, `eva
 Exporters, as checked with torch 2.14: ONNX through `torch.onnx.export(dynamo=False)`, the TorchScript-based
 exporter, opset 17 (the torch.export-based default needs the `onnxscript` package, which this project does
 not depend on; the TorchScript path is deprecated in torch 2.14 but exports this network with dynamic height
-and width, and tests/test_predict_export.py checks it against PyTorch with onnxruntime within 1e-4 at two
-sizes). TorchScript through `torch.jit.trace` (also deprecated in torch 2.14, still supported): the sizes
+and width; tests/test_predict_export.py checks onnxruntime against PyTorch at two sizes: probabilities
+within 1e-4, logits within a few 1e-6 of their range, float32 rounding of a different summation order). TorchScript through `torch.jit.trace` (also deprecated in torch 2.14, still supported): the sizes
 are traced as operations, so the file runs at any size; control flow that depends on values would be frozen,
 and DeepLab has none. Both files run without this project: `onnxruntime.InferenceSession(path)` or
 `torch.jit.load(path)`.
@@ -71,7 +71,10 @@ def exportable(segmenter) -> ExportableSegmenter:
         network.set_output_stride(stride)
     mean = (segmenter.mean.flatten() / 255).tolist()
     std = (segmenter.std.flatten() / 255).tolist()
-    return ExportableSegmenter(network, mean, std, pad_multiple(network)).eval()
+    module = ExportableSegmenter(network, mean, std, pad_multiple(network)).eval()
+    for parameter in module.parameters():  # an inference graph: outputs that need no .detach()
+        parameter.requires_grad_(False)
+    return module
 
 
 def not_inside(segmenter) -> list[str]:

@@ -180,7 +180,7 @@ def _csv_logger_class():
             self.write()
 
         def write(self) -> None:
-            if not self.rows:
+            if not self.rows or not self.path.parent.is_dir():  # never re-create a removed, unstarted run
                 return
             keys = sorted({k for row in self.rows for k in row} - {"step"})
             stream = io.StringIO()
