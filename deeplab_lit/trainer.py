@@ -260,8 +260,7 @@ def wandb_logger(spec: RunSpec, run_dir: Path, run_config: dict):
                      group=config.wandb.group or config.ablation or config.name, name=f"{config.name}-{run_dir.name}",
                      tags=tags, mode=config.wandb.mode, dir=str(run_dir), config=run_config, job_type="train",
                      resume="allow", id=os.environ.get("WANDB_RUN_ID") or None)
-    return WandbLogger(experiment=run, project=config.wandb.project, save_dir=str(run_dir),
-                       log_model=config.wandb.mode == "online")
+    return WandbLogger(experiment=run, project=config.wandb.project, save_dir=str(run_dir))
 
 
 def resumed_wandb_logger(spec: RunSpec, run_dir: Path):
@@ -277,10 +276,12 @@ def resumed_wandb_logger(spec: RunSpec, run_dir: Path):
     return WandbLogger(experiment=run, project=spec.config.wandb.project, save_dir=str(run_dir))
 
 
-def log_final_results(loggers, record, confusion=None, summary_path: Optional[Path] = None) -> None:
+def log_final_results(loggers, record, confusion=None, summary_path: Optional[Path] = None,
+                      model_path: Optional[Path] = None) -> None:
     """At the end of a run (or an evaluation logged into it): the metrics into the W&B summary, the per-class
     IoU of every protocol as a `wandb.Table`, the main protocol's confusion matrix (pixels, rows = ground
-    truth) as W&B's confusion-matrix chart; and where an offline run lives."""
+    truth) as W&B's confusion-matrix chart; online, the final model file as a `model` artifact (alias
+    `final`); offline, where the run lives."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
@@ -305,9 +306,14 @@ def log_final_results(loggers, record, confusion=None, summary_path: Optional[Pa
                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
                 {"title": f"{record.experiment} {record.split}: pixels (rows: ground truth), step {record.steps}"})
         run.log(logged)
-        if getattr(run.settings, "mode", "") == "offline" or getattr(run, "offline", False):
+        offline = getattr(run.settings, "mode", "") == "offline" or getattr(run, "offline", False)
+        if offline:
             where = Path(run.dir).parent
             print(f"W&B offline run: {where} (`wandb sync {where}` uploads it)")
+        elif model_path is not None:  # the weights-only final model (Lightning's upload followed ModelCheckpoint)
+            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": record.steps})
+            artifact.add_file(str(model_path))
+            run.log_artifact(artifact, aliases=["final"])
 
 
 def _finite(value) -> Optional[float]:

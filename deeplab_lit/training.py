@@ -278,5 +278,5 @@ def _final_evaluation(spec: RunSpec, trainer, datamodule, module, best: Optional
     print(f"model: {model_path}  (full training state for resuming: {run_path / 'checkpoints' / LAST_FILE})")
     print(f"summary: {summary_path}")
     log_final_results(trainer.loggers, record, getattr(module, "last_confusion", {}).get("mIoU"),
-                      summary_path=summary_path)
+                      summary_path=summary_path, model_path=model_path)
     return 0
