@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from deeplab_lit.errors import UserError
 from datamodules.dataset import Sample, SegmentationDataset
 from datamodules.loaders import distributed_rank, eval_sampler, pad_collate, train_sampler, worker_init
-from datamodules.readers import IGNORE_INDEX, valid_value_table
+from datamodules.readers import IGNORE_INDEX, VOC_PALETTE, valid_value_table
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, eval_transform, train_transform
 
 
@@ -34,6 +34,9 @@ class SegmentationDataModule(L.LightningDataModule):
     class_names: list[str]
     train_split: str = "train"
     eval_splits: tuple[str, ...] = ("train", "val")
+    # Splits without ground truth that can still be listed for prediction (VOC test, Cityscapes test).
+    prediction_splits: tuple[str, ...] = ()
+    palette = VOC_PALETTE  # colours of the class indices (256 x 3 uint8) for palette PNGs
     prepare_command: str = ""
     default_root_name: str = ""
     ignore_index = IGNORE_INDEX
@@ -64,6 +67,21 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.root {self.root} does not exist; prepare it with "
                 f"`python -m datamodules.prepare {self.prepare_command} --root {self.root}` or set data.root"
             )
+
+    def unlabelled_images(self, split: str) -> list[tuple[str, Path]]:
+        """(name, image file) of a split without ground truth (one of `prediction_splits`)."""
+        raise NotImplementedError
+
+    def images(self, split: str) -> list[tuple[str, Path]]:
+        """(name, image file) of every image of a split, with or without ground truth, in the split's order:
+        what `python -m deeplab_lit.predict --split NAME` segments."""
+        known = (*self.eval_splits, *self.prediction_splits)
+        if split not in known:
+            raise UserError(f"split {split!r} is not one of {', '.join(known)} for data.name={self.cfg.name}")
+        self.check_root()
+        if split in self.prediction_splits:
+            return self.unlabelled_images(split)
+        return [(sample.name, sample.image) for sample in self.samples(split)]
 
     # -- datasets -------------------------------------------------------------------------------
     @property

@@ -51,6 +51,22 @@ def label_tables() -> tuple[np.ndarray, np.ndarray, list[str]]:
 VALID_LABEL_IDS, LABEL_TO_TRAIN_ID, CITYSCAPES_CLASSES = label_tables()
 
 
+def train_id_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(trainId -> labelId uint8 lookup, trainId -> colour 256 x 3 uint8) from the cityscapesscripts table:
+    what the benchmark's evaluation reads back (labelIds PNGs) and its colours. Values outside the 19
+    trainIds map to labelId 0 (unlabeled) and black."""
+    to_label = np.zeros(256, dtype=np.uint8)
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for label in CITYSCAPES_LABELS:
+        if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval:
+            to_label[label.trainId] = label.id
+            colours[label.trainId] = label.color
+    return to_label, colours
+
+
+TRAIN_ID_TO_LABEL_ID, CITYSCAPES_PALETTE = train_id_tables()
+
+
 def cityscapes_samples(root: Path, split: str) -> list[Sample]:
     """Every image of a split with its labelIds mask, sorted by name."""
     images_dir, masks_dir = root / "leftImg8bit" / split, root / "gtFine" / split
@@ -68,6 +84,15 @@ def cityscapes_samples(root: Path, split: str) -> list[Sample]:
     if not samples:
         raise UserError(f"{images_dir} holds no *{IMAGE_SUFFIX} images; {DOWNLOAD_HELP}")
     return samples
+
+
+def cityscapes_images(root: Path, split: str) -> list[tuple[str, Path]]:
+    """(name, image) of every image of a split, ground truth or not (the test split has none), sorted."""
+    images_dir = root / "leftImg8bit" / split
+    images = sorted(images_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+    if not images:
+        raise UserError(f"{images_dir} holds no <city>/*{IMAGE_SUFFIX} images; {DOWNLOAD_HELP}")
+    return [(image.name[: -len(IMAGE_SUFFIX)], image) for image in images]
 
 
 def check_cityscapes_tree(root: Path) -> list[str]:
@@ -95,11 +120,16 @@ class CityscapesDataModule(SegmentationDataModule):
     num_classes = 19
     class_names = CITYSCAPES_CLASSES
     eval_splits = ("train", "val")
+    prediction_splits = ("test",)
+    palette = CITYSCAPES_PALETTE
     prepare_command = "cityscapes"
     default_root_name = "cityscapes"
 
     def samples(self, split: str) -> list[Sample]:
         return cityscapes_samples(self.root, split)
+
+    def unlabelled_images(self, split: str) -> list[tuple[str, Path]]:
+        return cityscapes_images(self.root, split)
 
     def mask_values(self):
         return VALID_LABEL_IDS, "a Cityscapes labelId 0..33", LABEL_TO_TRAIN_ID

@@ -4,6 +4,8 @@ Layout, as extracted from VOCtrainval_11-May-2012.tar under `data.root`:
   VOCdevkit/VOC2012/JPEGImages/<id>.jpg
   VOCdevkit/VOC2012/SegmentationClass/<id>.png        palette PNG: index = class, 255 = boundary
   VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
+the test images (no ground truth; VOC2012test.tar from the evaluation server, extracted into the same root):
+  VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt   with VOCdevkit/VOC2012/JPEGImages/<id>.jpg
 and, written by `python -m datamodules.prepare sbd`:
   VOCdevkit/VOC2012/SegmentationClassAug/<id>.png     SBD masks converted once from .mat
   VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt
@@ -91,8 +93,20 @@ class VOCDataModule(SegmentationDataModule):
     class_names = VOC_CLASSES
     train_split = "train"
     eval_splits = ("train", "val", "train_aug")
+    prediction_splits = ("test",)
     prepare_command = "voc"
     default_root_name = "voc"
+
+    def unlabelled_images(self, split: str) -> list[tuple[str, Path]]:
+        voc = voc_dir(self.root)
+        hint = ("the VOC 2012 test images come from the evaluation server (VOC2012test.tar); extract it into "
+                f"{self.root} so that VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt exists")
+        ids = read_ids(split_file(voc, split), hint)
+        images, have = voc / "JPEGImages", _names(voc / "JPEGImages")
+        missing = [name for name in ids if f"{name}.jpg" not in have]
+        if missing:
+            raise UserError(f"image {images / (missing[0] + '.jpg')} (listed in {split}.txt) does not exist; {hint}")
+        return [(name, images / f"{name}.jpg") for name in ids]
 
     def check_root(self) -> None:
         super().check_root()

@@ -5,9 +5,17 @@ with `torch.load(..., weights_only=True)`, which unpickles tensors and plain Pyt
 and refuses anything that could run code. What a checkpoint needs besides tensors is stored as plain
 types: under `checkpoint["deeplab_lit"]`, the resolved config as a plain dict and the class names.
 
-    run = load_run("runs/v3/default-seed0/checkpoints/last.ckpt", ["eval.output_stride=8"])
+Two kinds of file, both read by `load_run`:
+- `last.ckpt`: Lightning's full training state (network, optimizer, schedulers, loops, random states,
+  data position): what resuming needs.
+- a model file (`model.pt`, and `best-on-val.pt` with `keep_best_on_val`): `{"format": MODEL_FORMAT,
+  "deeplab_lit": {... "weights": "final" | "best-on-val", "step": N}, "state_dict": the network's own
+  state dict (no Lightning prefix), "global_step": N}`: about a third of `last.ckpt`, what predict,
+  export, evaluate and `deeplab_lit.load_checkpoint` need.
+
+    run = load_run("runs/v3/default-seed0/checkpoints/model.pt", ["eval.output_stride=8"])
     run.spec          # the RunSpec, resolved from the stored config plus evaluation overrides
-    run.network()     # the network with the checkpoint's weights (never the ImageNet file)
+    run.network()     # the network with the file's weights (never the ImageNet file)
 
 A file that cannot be read this way, that was not written by this project, or whose weights do not fit
 the network of its stored config is one line naming the file and what it is.
@@ -29,6 +37,10 @@ from deeplab_lit.errors import UserError
 FORMAT = 1
 KEY = "deeplab_lit"
 NETWORK_PREFIX = "model."  # the LightningModule's attribute holding the network
+MODEL_FORMAT = "deeplab_lit.model/1"  # the top-level "format" of a weights-only model file
+MODEL_FILE = "model.pt"  # the final weights of a run, in <run dir>/checkpoints/
+BEST_ON_VAL_FILE = "best-on-val.pt"  # keep_best_on_val: selected on val, never the paper comparison
+FINAL, BEST_ON_VAL = "final", "best-on-val"
 
 
 def run_payload(spec: RunSpec) -> dict:
@@ -57,6 +69,18 @@ def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict:
     return checkpoint
 
 
+def save_model_file(path: str | Path, network: torch.nn.Module, spec: RunSpec, step: int,
+                    weights: str = FINAL) -> Path:
+    """Write a weights-only model file (atomically): the network's weights, the resolved config and the
+    class names as plain data, the step and which weights they are (`final` or `best-on-val`)."""
+    from deeplab_lit.files import atomic_write
+
+    state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in network.state_dict().items()}
+    content = {"format": MODEL_FORMAT, KEY: {**run_payload(spec), "weights": weights, "step": int(step)},
+               "state_dict": state, "global_step": int(step)}
+    return atomic_write(path, lambda stream: torch.save(content, stream))
+
+
 @dataclass(frozen=True)
 class LoadedRun:
     """A run read back from a checkpoint or model file."""
@@ -66,6 +90,15 @@ class LoadedRun:
     state_dict: dict  # the network's weights, without the LightningModule prefix
     step: Optional[int]
     checkpoint: dict  # the whole file's content (for resuming), plain data and tensors
+
+    @property
+    def is_model_file(self) -> bool:
+        return self.checkpoint.get("format") == MODEL_FORMAT
+
+    @property
+    def weights(self) -> str:
+        """`final`, `best-on-val` (model files) or `checkpoint` (a Lightning checkpoint: last.ckpt)."""
+        return str(self.checkpoint[KEY].get("weights", FINAL)) if self.is_model_file else "checkpoint"
 
     def network(self, device: str | torch.device = "cpu"):
         """The network of the stored config with these weights (`model.pretrained` is not read again)."""
@@ -103,6 +136,9 @@ def load_run(path: str | Path, overrides: Iterable[str] = (), what: str = "--che
                         "evaluate checkpoints of `python -m deeplab_lit.fit`")
     if payload.get("format") != FORMAT:
         raise UserError(f"{what} {path}: checkpoint format {payload.get('format')!r}, this version reads {FORMAT}")
+    if "format" in checkpoint and checkpoint["format"] != MODEL_FORMAT:
+        raise UserError(f"{what} {path}: model file format {checkpoint['format']!r}, this version reads "
+                        f"{MODEL_FORMAT}")
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{what} {path}: holds no network weights (state_dict)")

@@ -11,10 +11,12 @@ from typing import Callable
 from deeplab_lit.errors import UserError, original_message
 
 
-# Lightning's informational lines (accelerators found, tips, "max_steps reached") go to stderr through
-# these loggers; the commands print what matters themselves, so stderr carries warnings and errors only.
+# Lightning's informational lines (accelerators found, "💡 Tip" advertisements for litlogger/litmodels,
+# "max_steps reached", "Restoring states from ...") go to stderr through these loggers; the commands print
+# what matters themselves, so stderr carries warnings and errors only. (Our own save_checkpoint calls pass
+# weights_only explicitly; Lightning's SLURM requeue save does not and would log "`weights_only` was not set".)
 QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda")
+                 "lightning.pytorch.accelerators.cuda", "lightning.pytorch.trainer.connectors.checkpoint_connector")
 
 
 # Deprecation warnings raised inside libraries by their own calls (not by ours), with the pinned versions:
@@ -27,6 +29,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    # OpenCV prints its decoder's own WARN/ERROR lines for a corrupt image; readers.read_image reports it in
+    # one line naming the file, so the library's lines are left out (DataLoader workers inherit this).
+    from cv2.utils import logging as cv2_logging
+
+    cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:

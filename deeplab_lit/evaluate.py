@@ -1,6 +1,7 @@
 """python -m deeplab_lit.evaluate --checkpoint PATH [--split val] [--json FILE] [--section.key=value ...]
 
-Evaluates a checkpoint written by `fit` under any protocol: `eval.output_stride`, `eval.scales`,
+Evaluates a checkpoint written by `fit` (its `model.pt`, the final weights; `last.ckpt`; or the labelled
+`best-on-val.pt` of keep_best_on_val) under any protocol: `eval.output_stride`, `eval.scales`,
 `eval.flip`, `eval.mode` (whole|slide), `crf.enabled` and the CRF parameters (or `--crf-params FILE`,
 the `crf_best.yaml` of the CRF search), on the val split or `--split`. Prints the per-class IoU table,
 mIoU and pixel accuracy, writes the summary record (`--json`), and with `--wandb.resume=true` logs

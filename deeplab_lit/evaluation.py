@@ -14,6 +14,12 @@ from deeplab_lit.protocols import MetricKey, Protocol
 from deeplab_lit.records import MetricResult
 
 
+
+def main_confusion(module) -> Optional["np.ndarray"]:
+    """The main protocol's confusion matrix (pixels, rows = ground truth) of the module's last evaluation."""
+    result = getattr(module, "last_results", {}).get("mIoU")
+    return None if result is None else result["per_image"].confusion
+
 def run_evaluation(trainer, module, datamodule, protocols: Sequence[Protocol], dataloaders=None, *,
                    checkpoint: str = "", step: Optional[int] = None) -> dict[str, MetricResult]:
     """Validate `module` under every protocol; results keyed by metric key ("mIoU", "mIoU_os8", ...)."""
@@ -78,7 +84,8 @@ def evaluate_run(loaded, *, split: str = "val", resume_wandb: bool = False):
     from datamodules import build_datamodule
     from deeplab_lit.modules import build_module
     from deeplab_lit.records import SummaryRecord
-    from deeplab_lit.trainer import build_trainer, device_description, resumed_wandb_logger, run_columns
+    from deeplab_lit.trainer import (
+        build_trainer, device_description, finish_loggers, log_final_results, resumed_wandb_logger, run_columns)
 
     spec = loaded.spec
     run_dir = loaded.path.resolve().parent.parent  # <run dir>/checkpoints/<file>
@@ -91,15 +98,19 @@ def evaluate_run(loaded, *, split: str = "val", resume_wandb: bool = False):
     module = build_module(spec, network=loaded.network())
     results = run_evaluation(trainer, module, datamodule, spec.protocols, dataloaders,
                              checkpoint=str(loaded.path), step=loaded.step)
-    for logger in trainer.loggers:
-        logger.experiment.finish()
-    if not trainer.is_global_zero:
-        return None
-    print_results(results, spec.dataset.class_names, title=f"{spec.name} on {split}: {loaded.path}")
-    config = spec.config
-    return SummaryRecord(
-        kind="evaluate", experiment=config.name, split=split, results=results, config=spec.to_dict(),
-        class_names=list(spec.dataset.class_names), seed=config.seed, description=config.description,
-        ablation=config.ablation, overrides=list(spec.overrides), protocol=run_columns(spec, trainer),
-        paper=spec.to_dict()["paper"], checkpoint=str(loaded.path), steps=loaded.step,
-        device=device_description(trainer))
+    record = None
+    if trainer.is_global_zero:
+        config = spec.config
+        record = SummaryRecord(
+            kind="evaluate", experiment=config.name, split=split, results=results, config=spec.to_dict(),
+            class_names=list(spec.dataset.class_names), seed=config.seed, description=config.description,
+            ablation=config.ablation, overrides=list(spec.overrides), protocol=run_columns(spec, trainer),
+            paper=spec.to_dict()["paper"], checkpoint=str(loaded.path), steps=loaded.step,
+            device=device_description(trainer), weights=loaded.weights)
+        label = {"final": "final weights", "best-on-val": "best-on-val weights (selected on val, not comparable with "
+                 "the paper)", "checkpoint": "checkpoint"}.get(loaded.weights, loaded.weights)
+        print_results(results, spec.dataset.class_names,
+                      title=f"{spec.name} on {split}: {label}, step {loaded.step} ({loaded.path})")
+        log_final_results(trainer.loggers, record, main_confusion(module))
+    finish_loggers(trainer)
+    return record

@@ -8,10 +8,14 @@ One typed record with a schema version, so the writer and every reader agree on 
                           "protocol": {...}, "checkpoint": "...", "step": 30000}, ...},
      "per_class_iou": {...},                                        # the main protocol's, for a glance
      "protocol": {...},                                             # the run's columns for dashboards
-     "config": {...}, "overrides": [...], "paper": {...}, "checkpoint": "...", "steps": 30000, ...}
+     "config": {...}, "overrides": [...], "paper": {...}, "checkpoint": "...", "steps": 30000, ...,
+     "best_on_val": {"checkpoint": ".../best-on-val.pt", "step": 20000, ...}}  # only with keep_best_on_val
 
 `results` is keyed by `protocols.MetricKey` text; each entry carries the protocol that produced it and
-the checkpoint and step it was computed from. A per-class IoU of a class absent from both prediction and
+the checkpoint and step it was computed from: for `fit`, the final weights (`model.pt` at the last step,
+the end of the schedule, as the papers report). `best_on_val`, present only when the run kept a
+best-on-val model file, says where it is and at which step it was selected; it is never in `results` or
+`metrics`, so nothing compares it with the paper. A per-class IoU of a class absent from both prediction and
 ground truth is null (it is left out of the mean).
 
 Beside the JSON, `SummaryRecord.write` puts two side files (never part of the JSON):
@@ -242,6 +246,8 @@ class SummaryRecord:
     steps: Optional[int] = None
     wall_time_s: Optional[float] = None
     device: str = ""
+    weights: str = ""  # "final" (the end of the schedule), "best-on-val" (selected on val) or "checkpoint"
+    best_on_val: Optional[dict] = None  # keep_best_on_val: file, step, val mIoU at selection (never compared)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -259,7 +265,8 @@ class SummaryRecord:
             "per_class_iou": main.to_json()["per_class_iou"] if main else {},
             "protocol": self.protocol, "config": self.config, "overrides": list(self.overrides),
             "paper": self.paper, "class_names": list(self.class_names), "checkpoint": self.checkpoint,
-            "steps": self.steps, "wall_time_s": self.wall_time_s, "device": self.device,
+            "steps": self.steps, "wall_time_s": self.wall_time_s, "device": self.device, "weights": self.weights,
+            **({"best_on_val": self.best_on_val} if self.best_on_val else {}),
         }
 
     def write(self, path: str | Path) -> Path:
@@ -288,7 +295,7 @@ class SummaryRecord:
             overrides=list(data.get("overrides", [])), protocol=dict(data.get("protocol", {})),
             paper=dict(data.get("paper", {})), checkpoint=data.get("checkpoint", ""), steps=data.get("steps"),
             wall_time_s=data.get("wall_time_s"), device=data.get("device", ""),
-            schema_version=int(data["schema_version"]))
+            weights=data.get("weights", ""), best_on_val=data.get("best_on_val"), schema_version=int(data["schema_version"]))
 
     @classmethod
     def read(cls, path: str | Path) -> "SummaryRecord":

@@ -8,13 +8,17 @@
 2. The run directory (`spec.default_run_dir()` unless given) is locked for this process (`files.RunLock`;
    a second copy of the same command stops in one line naming the PID); `config.yaml` is written.
 3. Lightning trains, resuming from the newest of `last.ckpt` and Lightning's SLURM `hpc_ckpt_*.ckpt` if
-   one exists (or `--resume PATH`). Checkpoints are written atomically and read back as data
-   (`weights_only=True`); each carries the resolved config as plain types (`checkpoints.run_payload`).
+   one exists (or `--resume PATH`). `last.ckpt`, the full training state, is written (atomically) after
+   every validation, on SIGTERM and at the end; it is read back as data (`weights_only=True`) and carries
+   the resolved config as plain types (`checkpoints.run_payload`). No other full copy is kept.
 4. SIGTERM (a scheduler's preemption, sent to the whole process group) saves `last.ckpt` and exits with
    143, so the scheduler and `wandb agent` see an interrupted run; the same command resumes. DataLoader
    workers ignore SIGTERM and leave it to the main process (datamodules/loaders.py).
-5. At the end the chosen checkpoint is evaluated under every protocol of the experiment; the summary
-   record (`summary.json`) and the per-class table follow.
+5. At the end the final weights (the end of the schedule, what the papers report) are written as the
+   weights-only `model.pt` and evaluated under every protocol of the experiment; the summary record
+   (`summary.json`, each number with the file and step that produced it) and the per-class table follow.
+   With `keep_best_on_val: true`, `best-on-val.pt` holds the weights of the best `val/mIoU` seen during
+   training: selected on the evaluation split, labelled so wherever it appears, never the paper comparison.
 
 A run that fails before its first optimizer step leaves no run directory behind if it created it.
 """
@@ -30,18 +34,21 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules import build_datamodule
-from deeplab_lit.checkpoints import KEY, NETWORK_PREFIX, load_network_state, read_checkpoint, run_payload
+from deeplab_lit.checkpoints import (
+    BEST_ON_VAL, BEST_ON_VAL_FILE, KEY, MODEL_FILE, read_checkpoint, run_payload, save_model_file)
 from deeplab_lit.config import RunSpec
 from deeplab_lit.errors import UserError
-from deeplab_lit.evaluation import print_results, run_evaluation
+from deeplab_lit.evaluation import main_confusion, print_results, run_evaluation
 from deeplab_lit.files import RunLock, atomic_write, check_writable_dir, write_text_atomic
 from deeplab_lit.modules import build_module
 from deeplab_lit.records import SummaryRecord
-from deeplab_lit.trainer import build_trainer, device_description, run_columns, slurm_plugins, wandb_logger
+from deeplab_lit.trainer import (
+    build_trainer, csv_metrics_logger, device_description, finish_loggers, log_final_results, run_columns,
+    slurm_plugins, wandb_logger)
 
 SIGTERM_EXIT_CODE = 143  # 128 + 15: what schedulers and shells report for a job ended by SIGTERM
 
@@ -67,6 +74,56 @@ class RunPayload(Callback):
         checkpoint[KEY] = self.payload
 
 
+LAST_FILE = "last.ckpt"
+
+
+class SaveLast(Callback):
+    """`last.ckpt`, the full training state, after every validation of training (one file, replaced
+    atomically); the final state is saved by `_fit` whatever the validation interval."""
+
+    def __init__(self, checkpoint_dir: Path):
+        self.path = Path(checkpoint_dir) / LAST_FILE
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            trainer.save_checkpoint(str(self.path), weights_only=False)
+
+
+class KeepBestOnVal(Callback):
+    """`keep_best_on_val`: the network weights with the best `val/mIoU` of the validations during training,
+    as a weights-only `best-on-val.pt`. The weights are selected on the evaluation split, so their number is
+    biased upward: it is an option for inspection, never what fit reports or the report compares."""
+
+    def __init__(self, spec: RunSpec, checkpoint_dir: Path):
+        self.spec = spec
+        self.path = Path(checkpoint_dir) / BEST_ON_VAL_FILE
+        self.best: Optional[float] = None
+        self.step: Optional[int] = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val/mIoU")
+        if value is None or not torch.isfinite(value) or (self.best is not None and float(value) <= self.best):
+            return
+        self.best, self.step = float(value), int(trainer.global_step)
+        if trainer.is_global_zero:
+            save_model_file(self.path, pl_module.model, self.spec, self.step, weights=BEST_ON_VAL)
+
+    def state_dict(self) -> dict:  # plain numbers: travels in last.ckpt, so a resumed run keeps its best
+        return {"best": self.best, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.step = state.get("best"), state.get("step")
+
+    def record(self) -> Optional[dict]:
+        if self.step is None:
+            return None
+        return {"checkpoint": str(self.path), "step": self.step, "val_mIoU_at_selection": self.best,
+                "note": "best-on-val: selected on the evaluation split during training (biased upward); "
+                        "not the reported number, never compared with the paper"}
+
+
 class SaveOnSigterm(Callback):
     """A SIGTERM (preemption without SLURM's SIGUSR1 warning) saves `last.ckpt` before exiting."""
 
@@ -75,7 +132,9 @@ class SaveOnSigterm(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(str(self.checkpoint_dir / "last.ckpt"))
+            trainer.save_checkpoint(str(self.checkpoint_dir / LAST_FILE), weights_only=False)
+            for logger in trainer.loggers:
+                logger.finalize("interrupted")
 
 
 def find_resume_checkpoint(explicit: Optional[str], checkpoint_dir: Path) -> Optional[str]:
@@ -91,8 +150,8 @@ def find_resume_checkpoint(explicit: Optional[str], checkpoint_dir: Path) -> Opt
     return str(max(existing, key=lambda path: path.stat().st_mtime)) if existing else None
 
 
-def check_resume_checkpoint(path: str, spec: RunSpec) -> None:
-    """A checkpoint to resume from is data (weights_only) and belongs to this run's network."""
+def check_resume_checkpoint(path: str, spec: RunSpec) -> Optional[int]:
+    """A checkpoint to resume from is data (weights_only) and belongs to this run's network; its step."""
     checkpoint = read_checkpoint(path, "resume checkpoint")
     payload = checkpoint.get(KEY)
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
@@ -100,6 +159,8 @@ def check_resume_checkpoint(path: str, spec: RunSpec) -> None:
     stored_model = payload["config"].get("model")
     if stored_model != spec.to_dict()["model"]:
         raise UserError(f"resume checkpoint {path} was trained with another model config; give another --run-dir")
+    step = checkpoint.get("global_step")
+    return int(step) if isinstance(step, int) else None
 
 
 def _remove_unstarted(run_path: Path, created: bool) -> None:
@@ -117,15 +178,13 @@ def train(spec: RunSpec, run_dir: Optional[str] = None, resume: Optional[str] = 
     check_writable_dir(run_path, "--run-dir" if run_dir else "output_dir")
     checkpoint_dir = run_path / "checkpoints"
     resume_path = find_resume_checkpoint(resume, checkpoint_dir)
-    if resume_path:
-        check_resume_checkpoint(resume_path, spec)
+    resume_step = check_resume_checkpoint(resume_path, spec) if resume_path else None
 
-    best = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="best-step{step}", monitor="val/mIoU", mode="max",
-                           save_top_k=1, save_last=True,
-                           auto_insert_metric_name=False)  # metric names contain '/', which would become directories
-    monitor = [LearningRateMonitor(logging_interval="step")] if config.wandb.mode != "disabled" else []
+    best = [KeepBestOnVal(spec, checkpoint_dir)] if config.keep_best_on_val else []
+    # Best-on-val first: its state (best score, step) is part of the last.ckpt saved right after it.
     trainer = build_trainer(spec, root_dir=run_path,
-                            callbacks=[best, RunPayload(spec), SaveOnSigterm(checkpoint_dir), *monitor, *callbacks],
+                            callbacks=[*best, SaveLast(checkpoint_dir), RunPayload(spec),
+                                       SaveOnSigterm(checkpoint_dir), *callbacks],
                             plugins=[AtomicCheckpointIO(), *slurm_plugins()])
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -138,8 +197,8 @@ def train(spec: RunSpec, run_dir: Optional[str] = None, resume: Optional[str] = 
     created = not run_path.exists()
     lock = RunLock(run_path, f"run {run_path}").acquire() if trainer.is_global_zero else None
     try:
-        _fit(spec, trainer, datamodule, module, run_path, resume_path)
-        return _final_evaluation(spec, trainer, datamodule, module, best, run_path, started)
+        _fit(spec, trainer, datamodule, module, run_path, resume_path, resume_step)
+        return _final_evaluation(spec, trainer, datamodule, module, best[0] if best else None, run_path, started)
     except SIGTERMException:
         if trainer.is_global_zero:
             print(f"terminated: saved {checkpoint_dir / 'last.ckpt'}; the same command resumes", file=sys.stderr)
@@ -151,52 +210,63 @@ def train(spec: RunSpec, run_dir: Optional[str] = None, resume: Optional[str] = 
     finally:
         if lock is not None:
             lock.release()
-        for logger in trainer.loggers:
-            logger.experiment.finish()  # the next run in this process (a sweep, a test) starts its own
+        finish_loggers(trainer)
 
 
-def _fit(spec: RunSpec, trainer, datamodule, module, run_path: Path, resume_path: Optional[str]) -> None:
+def _fit(spec: RunSpec, trainer, datamodule, module, run_path: Path, resume_path: Optional[str],
+         resume_step: Optional[int]) -> None:
     columns = run_columns(spec, trainer)
+    loggers = [csv_metrics_logger(run_path, resume_step)]  # always: metrics.csv beside the checkpoints
     if spec.config.wandb.mode != "disabled":
         run_config = {**spec.to_dict(), "protocol": columns, "overrides": list(spec.overrides),
                       "run_dir": str(run_path)}
-        trainer.loggers = [wandb_logger(spec, run_path, run_config)]
+        loggers.append(wandb_logger(spec, run_path, run_config))
+    trainer.loggers = loggers
     if trainer.is_global_zero:
         write_text_atomic(run_path / "config.yaml", spec.to_yaml())
         if resume_path:
             print(f"resuming from {resume_path}")
-        if trainer.loggers:  # lets `evaluate --wandb.resume=true` log into this run
-            write_text_atomic(run_path / "wandb_id", trainer.loggers[0].experiment.id)
+        if len(loggers) > 1:  # lets `evaluate --wandb.resume=true` log into this run
+            write_text_atomic(run_path / "wandb_id", loggers[1].experiment.id)
     # Lightning looks for a stateful DataLoader; ours resumes mid-epoch through the DataModule's state
     # (the batches already trained are skipped, tests/test_fit.py checks identical weights).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Frozen BatchNorm layers (model.bn=frozen, v2) stay in eval mode by design (models/batchnorm.py).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
-    # The final state, whatever the validation interval: what a later resume or evaluation starts from.
-    trainer.save_checkpoint(str(run_path / "checkpoints" / "last.ckpt"))
+    # The final state, whatever the validation interval: what a later resume starts from.
+    trainer.save_checkpoint(str(run_path / "checkpoints" / LAST_FILE), weights_only=False)
 
 
-def _final_evaluation(spec: RunSpec, trainer, datamodule, module, best, run_path: Path, started: float) -> int:
-    """The chosen checkpoint under every protocol of the experiment; the summary record; the table."""
+def _final_evaluation(spec: RunSpec, trainer, datamodule, module, best: Optional[KeepBestOnVal], run_path: Path,
+                      started: float) -> int:
+    """The final weights (the end of the schedule, as the papers report) as `model.pt`, evaluated under
+    every protocol of the experiment; the summary record; the table; W&B's per-class table and confusion
+    matrix."""
     config = spec.config
-    chosen = best.best_model_path or best.last_model_path
     step = trainer.global_step
-    if chosen:
-        checkpoint = read_checkpoint(chosen, "checkpoint")
-        step = int(checkpoint.get("global_step", step))
-        state = {k[len(NETWORK_PREFIX):]: v for k, v in checkpoint["state_dict"].items()}
-        load_network_state(module.model, state, chosen)
-    results = run_evaluation(trainer, module, datamodule, spec.protocols, checkpoint=str(chosen), step=step)
+    model_path = run_path / "checkpoints" / MODEL_FILE
+    if trainer.is_global_zero:
+        save_model_file(model_path, module.model, spec, step)
+    results = run_evaluation(trainer, module, datamodule, spec.protocols, checkpoint=str(model_path), step=step)
     if not trainer.is_global_zero:
         return 0
+    best_record = best.record() if best is not None else None
     record = SummaryRecord(
         kind="fit", experiment=config.name, split="val", results=results, config=spec.to_dict(),
         class_names=list(spec.dataset.class_names), seed=config.seed, description=config.description,
         ablation=config.ablation, overrides=list(spec.overrides), protocol=run_columns(spec, trainer),
-        paper=spec.to_dict()["paper"], checkpoint=str(chosen), steps=trainer.global_step,
-        wall_time_s=round(time.time() - started, 1), device=device_description(trainer))
+        paper=spec.to_dict()["paper"], checkpoint=str(model_path), steps=step,
+        wall_time_s=round(time.time() - started, 1), device=device_description(trainer), weights="final",
+        best_on_val=best_record)
     summary_path = record.write(run_path / "checkpoints" / "summary.json")
-    print_results(results, spec.dataset.class_names, title=f"{config.name}: checkpoint {Path(chosen).name}")
+    print_results(results, spec.dataset.class_names,
+                  title=f"{config.name}: final weights, step {step} ({model_path.name})")
+    if best_record is not None:
+        print(f"best-on-val (selected on val, not comparable with the paper): {best_record['checkpoint']} "
+              f"(step {best_record['step']}, val mIoU during training {100 * best_record['val_mIoU_at_selection']:.2f})")
+    print(f"model: {model_path}  (full training state for resuming: {run_path / 'checkpoints' / LAST_FILE})")
     print(f"summary: {summary_path}")
-    for logger in trainer.loggers:
-        logger.experiment.summary.update({**record.metrics, "summary_json": str(summary_path)})
+    log_final_results(trainer.loggers, record, main_confusion(module),
+                      summary_path=summary_path, model_path=model_path)
     return 0

@@ -49,10 +49,12 @@ def run_fit(tmp_path, name, *extra, wandb_mode="offline"):
 def test_fit_two_steps_of_each_generation(tmp_path, name, extra):
     run_dir = run_fit(tmp_path, name, *extra)
     checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file() and list(checkpoints.glob("best-step*.ckpt"))
-    assert not list(checkpoints.glob("*.tmp"))
+    # The full state for resuming, the final weights, the record: no second full copy of the same step.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "model.pt", "summary.json"]
     summary = json.loads((checkpoints / "summary.json").read_text())
     assert summary["experiment"] == name and summary["steps"] == 2
+    assert summary["weights"] == "final" and summary["checkpoint"] == str(checkpoints / "model.pt")
+    assert all(r["checkpoint"] == str(checkpoints / "model.pt") and r["step"] == 2 for r in summary["results"].values())
     assert 0 <= summary["metrics"]["val/mIoU"] <= 1
     assert summary["protocol"]["train_output_stride"] == load_experiment(name).model.output_stride
     assert summary["protocol"]["effective_batch_size"] == 2

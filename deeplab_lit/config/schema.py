@@ -220,6 +220,9 @@ class Config(Section):
     ablation: str = key("", "the W&B group / report table this row belongs to", INFRASTRUCTURE)
     seed: int = key(0, "seed of initialisation, data order and augmentation")
     output_dir: str = key("runs", "where run directories are created", INFRASTRUCTURE)
+    keep_best_on_val: bool = key(False, "also keep checkpoints/best-on-val.pt, the weights of the best val/mIoU seen "
+                                        "during training: selected on the evaluation split, so never the paper "
+                                        "comparison (fit reports the final weights)", INFRASTRUCTURE)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -40,18 +40,25 @@ from deeplab_lit.models.resize import resize_bilinear
 MSC_SIZES = ("floor", "caffe")
 
 
-def caffe_interp_size(n: int, scale: float) -> int:
-    """Caffe Interp: shrink by q, then zoom by p, for scale = p / q."""
+def caffe_interp_size(n, scale: float):
+    """Caffe Interp: shrink by q, then zoom by p, for scale = p / q (ints, or int64 tensors while tracing)."""
     fraction = Fraction(scale).limit_denominator(64)
-    return max(1, ((n - 1) // fraction.denominator) * fraction.numerator + 1)
+    size = ((n - 1) // fraction.denominator) * fraction.numerator + 1
+    return torch.clamp(size, min=1) if isinstance(size, torch.Tensor) else max(1, size)
 
 
-def scaled_size(height: int, width: int, scale: float, rule: str = "floor") -> tuple[int, int]:
-    """Input size of one MSC scale; floor: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100)."""
+def scaled_size(height, width, scale: float, rule: str = "floor") -> tuple:
+    """Input size of one MSC scale; floor: floor(n * s), at least 1 (1e-9 absorbs float error: 0.29 * 100).
+
+    While tracing (ONNX/TorchScript export) the sizes are tensors: the same arithmetic is kept as graph
+    operations, so the exported pyramid follows the input size instead of freezing the traced one."""
     if scale == 1.0:
         return height, width
     if rule == "caffe":
         return caffe_interp_size(height, scale), caffe_interp_size(width, scale)
+    if isinstance(height, torch.Tensor):
+        return tuple(torch.clamp(torch.floor(n.to(torch.float64) * scale + 1e-9), min=1).to(torch.int64)
+                     for n in (height, width))
     return max(1, math.floor(height * scale + 1e-9)), max(1, math.floor(width * scale + 1e-9))
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 def resize_bilinear(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
+    if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == tuple(size):  # traced sizes are tensors
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 

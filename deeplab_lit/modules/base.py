@@ -126,7 +126,10 @@ class SegmentationModule(L.LightningModule):
         return poly_factor(step, self.max_steps, optim.poly_power)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameter_groups(), lr=self.recipe.lr, momentum=self.recipe.momentum)
+        groups = self.parameter_groups()
+        # Learning-rate curves: `lr-SGD` (the base rate) and one `lr-SGD/<group>` per group whose rate differs.
+        self._lr_mults = {group["name"]: group["lr_mult"] for group in groups if group["lr_mult"] != 1.0}
+        optimizer = torch.optim.SGD(groups, lr=self.recipe.lr, momentum=self.recipe.momentum)
         # Stepped every iteration (interval "step"), so the learning rate decays smoothly within epochs.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
@@ -151,7 +154,10 @@ class SegmentationModule(L.LightningModule):
                 "kept); lower optim.lr or check the data"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["image"]))
-        self.log("lr-SGD", self.recipe.lr * self.lr_factor(self.global_step), on_step=True, on_epoch=False)
+        lr = self.recipe.lr * self.lr_factor(self.global_step)
+        self.log("lr-SGD", lr, on_step=True, on_epoch=False)
+        for name, mult in getattr(self, "_lr_mults", {}).items():
+            self.log(f"lr-SGD/{name}", lr * mult, on_step=True, on_epoch=False)
         return loss
 
     # ---------------------------------------------------------------------------- resume

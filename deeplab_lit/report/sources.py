@@ -135,7 +135,10 @@ def load_local(root: Path) -> list[RunRecord]:
     records = []
     for path in sorted(root.rglob("summary.json")):
         created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
-        records.append(from_summary(SummaryRecord.read(path), str(path), created, str(path)))
+        record = SummaryRecord.read(path)
+        if record.weights == "best-on-val":  # selected on the evaluation split: never compared with the paper
+            continue
+        records.append(from_summary(record, str(path), created, str(path)))
     return records
 
 

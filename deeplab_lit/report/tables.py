@@ -94,7 +94,7 @@ TABLES: tuple[Table, ...] = (
     Table("crf_on_off", "CRF on vs off on the same checkpoint (v1 and v2, VOC val)",
           tuple(row(name, name, crf__enabled=True) for name in V1_V2_VOC), BEFORE_AFTER_CRF,
           sweeps=("fov.yaml", "msc.yaml", "aspp.yaml", "resnet.yaml", "crf.yaml"),
-          compare_rows=False, note="Every run scores its best checkpoint without and with the CRF; the paper "
+          compare_rows=False, note="Every run scores its final weights without and with the CRF; the paper "
                                    "gives both only for some rows."),
     Table("v3_table1_output_stride", "v3 Table 1: output stride, ResNet-50 + block7 (VOC val)", (
         row("output stride 8", "v3_r50_block7_os8"),
