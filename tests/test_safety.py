@@ -255,9 +255,16 @@ def test_two_identical_commands_started_together(tmp_path):
     args = [sys.executable, "-m", "deeplab_lit.fit", "--experiment", "v3", "--run-dir", str(run_dir),
             *[f"--{o}" for o in FAST], "--model.backbone=resnet50", "--wandb.mode=disabled", "--trainer.max_steps=8",
             "--trainer.val_check_interval=8", "--trainer.limit_val_batches=1"]
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    outcomes = sorted([(p.wait(600), p.communicate()[1], p.pid) for p in (first, second)], key=lambda o: o[0])
+    # Output into files, not pipes: a pipe nobody reads fills (64 KiB) and blocks the process writing to it.
+    logs = [open(tmp_path / f"err{i}.txt", "w+") for i in range(2)]
+    first, second = (subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True, env=ENV) for log in logs)
+    outcomes = []
+    for process, log in zip((first, second), logs):
+        code = process.wait(600)
+        log.seek(0)
+        outcomes.append((code, log.read(), process.pid))
+        log.close()
+    outcomes.sort(key=lambda o: o[0])
     (code_a, err_a, _), (code_b, err_b, pid_b) = outcomes
     assert code_a == 0, err_a[-2000:]
     assert code_b == 2 and err_b.count("\n") == 1, err_b[-2000:]
