@@ -1,6 +1,8 @@
 """The DataModule every dataset shares; a dataset subclass only says where its samples are."""
 from __future__ import annotations
 
+import functools
+
 import os
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,7 @@ from deeplab_lit.errors import UserError
 from datamodules.dataset import Sample, SegmentationDataset
 from datamodules.loaders import distributed_rank, eval_sampler, pad_collate, train_sampler, worker_init
 from datamodules.readers import IGNORE_INDEX, VOC_PALETTE, valid_value_table
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, eval_transform, train_transform
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, train_transform
 
 
 def default_data_dir() -> Path:
@@ -101,7 +103,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 scale_step=self.cfg.scale_step,
             )
         else:
-            transform = eval_transform()
+            transform = None  # the whole image as it is; padding to a stride multiple belongs to inference
         return SegmentationDataset(
             self.samples(split),
             transform,
@@ -183,7 +185,7 @@ class SegmentationDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.cfg.eval_batch_size,
             sampler=eval_sampler(len(dataset), world, rank),
-            collate_fn=pad_collate,
+            collate_fn=functools.partial(pad_collate, image_fill=self.mean_rgb_uint8),
             **self._loader_kwargs(),
         )
 

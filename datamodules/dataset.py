@@ -22,8 +22,9 @@ class Sample(NamedTuple):
 
 
 class SegmentationDataset(Dataset):
-    """Items are dicts: "image" float32 3 x H x W (normalised), "mask" int64 H x W (255 = ignore),
-    "name" str, and with `with_rgb` (evaluation) "rgb" uint8 H x W x 3, the unnormalised image.
+    """Items are dicts: "image" uint8 3 x H x W (RGB, normalised later on the device, see
+    deeplab_lit/preprocessing.py), "mask" uint8 H x W (255 = ignore), "name" str, and with `with_rgb`
+    (evaluation, for the CRF) "rgb" uint8 H x W x 3. `transform` None (evaluation) keeps the image as it is.
 
     `valid_values` (256 bools) says which stored mask values are legal; anything else raises a
     UserError naming the file and the value. `label_map` (256 uint8), if given, then maps stored
@@ -33,7 +34,7 @@ class SegmentationDataset(Dataset):
     def __init__(
         self,
         samples: list[Sample],
-        transform: A.Compose,
+        transform: Optional[A.Compose],
         *,
         valid_values: np.ndarray,
         expected_values: str,
@@ -80,10 +81,10 @@ class SegmentationDataset(Dataset):
         image, mask = self.load(0 if padding else index)
         if padding:
             mask = np.full_like(mask, IGNORE_INDEX)
-        out = self.transform(image=image, mask=mask)
+        out = self.transform(image=image, mask=mask) if self.transform is not None else {"image": image, "mask": mask}
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
-            "mask": torch.from_numpy(out["mask"].astype(np.int64)),
+            "mask": torch.from_numpy(np.require(out["mask"], np.uint8, ["C", "W"])),  # a copy only if read-only
             "name": "" if padding else self.samples[index].name,
         }
         if self.with_rgb:

@@ -98,10 +98,10 @@ def train_sampler(dataset, *, seed: int, num_replicas: int = 1, rank: int = 0) -
     return TrainSampler(dataset, seed=seed, num_replicas=num_replicas, rank=rank)
 
 
-def pad_collate(items: list[dict]) -> dict:
-    """Batch whole images of different sizes: pad at the bottom/right to the largest, the normalised
-    image with 0 (the mean colour), the mask with 255 (ignored) and the rgb with 0. At batch size 1
-    (the evaluation default) nothing is padded."""
+def pad_collate(items: list[dict], image_fill: tuple[int, int, int] = (0, 0, 0)) -> dict:
+    """Batch whole images of different sizes: pad at the bottom/right to the largest, the uint8 image
+    with `image_fill` (the datamodule passes its mean colour), the mask with 255 (ignored) and the rgb
+    with 0. At batch size 1 (the evaluation default) nothing is padded."""
     height = max(item["mask"].shape[0] for item in items)
     width = max(item["mask"].shape[1] for item in items)
 
@@ -112,8 +112,15 @@ def pad_collate(items: list[dict]) -> dict:
         pad = (0, 0, 0, width - w, 0, height - h) if channels_last else (0, width - w, 0, height - h)
         return F.pad(tensor, pad, value=value)
 
+    def padded_image(image: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == (height, width):
+            return image
+        canvas = torch.tensor(image_fill, dtype=image.dtype).view(3, 1, 1).repeat(1, height, width)
+        canvas[:, : image.shape[1], : image.shape[2]] = image
+        return canvas
+
     batch = {
-        "image": torch.stack([padded(item["image"], 0.0) for item in items]),
+        "image": torch.stack([padded_image(item["image"]) for item in items]),
         "mask": torch.stack([padded(item["mask"], IGNORE_INDEX) for item in items]),
         "name": [item["name"] for item in items],
     }

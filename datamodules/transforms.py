@@ -2,7 +2,8 @@
 
 Training follows DeepLab v2/v3: random scale in `data.scale_range`, pad to the crop (image with the
 ImageNet mean colour, which is 0 after normalisation; mask with 255 so padding is ignored by the loss),
-random crop, horizontal flip, ImageNet normalisation. Evaluation only normalises: the whole image,
+random crop, horizontal flip. Images stay 8-bit: the float conversion and the mean/std normalisation
+run on the device after the transfer (deeplab_lit/preprocessing.py). Evaluation takes the whole image,
 unchanged, because padding to a stride multiple belongs to inference.
 
 Discrete scales (`data.scale_step`, v3/v3+ rows): TF DeepLab's `get_random_scale` draws uniformly from
@@ -21,8 +22,7 @@ import albumentations as A
 
 from datamodules.readers import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from deeplab_lit.preprocessing import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported for the datamodules)
 # The mean as an 8-bit RGB colour: what the image is padded with (normalises to ~0).
 MEAN_RGB_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
@@ -64,11 +64,4 @@ def train_transform(
     ]
     if flip:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0))
     return A.Compose(steps, strict=True, seed=seed)
-
-
-def eval_transform() -> A.Compose:
-    return A.Compose(
-        [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0)], strict=True
-    )

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from deeplab_lit.errors import UserError
+from deeplab_lit.preprocessing import normalise
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overrides: Iterable[str] = ()) -> "Segmenter":
@@ -72,8 +73,6 @@ class Segmenter:
     """A trained network with its run's preprocessing and evaluation protocol (see the module docstring)."""
 
     def __init__(self, loaded, device: str | torch.device = "cpu"):
-        from datamodules import DATAMODULES
-
         self.spec = loaded.spec
         self.path = loaded.path
         self.step = loaded.step
@@ -83,9 +82,7 @@ class Segmenter:
         self.class_names: list[str] = list(self.spec.dataset.class_names)
         self.protocol = self.spec.protocols[0]  # the main protocol: eval.*, crf.enabled
         self.crf = self.spec.config.crf
-        data = DATAMODULES[self.spec.config.data.name]
-        self.mean = torch.tensor(data.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = self.spec.dataset.mean, self.spec.dataset.std
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +95,7 @@ class Segmenter:
     def normalise(self, rgb: torch.Tensor) -> torch.Tensor:
         """uint8 N x H x W x 3 -> float N x 3 x H x W, normalised with the dataset's mean and std (the mean
         colour becomes 0, so padding with 0 pads with the mean colour, as training and evaluation do)."""
-        return (rgb.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        return normalise(rgb.permute(0, 3, 1, 2), self.mean, self.std)
 
     @torch.inference_mode()
     def _probs_same_size(self, images: Sequence[np.ndarray]) -> torch.Tensor:

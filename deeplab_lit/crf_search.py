@@ -60,7 +60,8 @@ def cache_unaries(checkpoint_path: str, images: int, cache_dir: Path) -> dict:
     datamodule.setup("validate")
     dataset = datamodule.val_dataset
     arrays = {"format": np.array(CACHE_FORMAT), "num_classes": np.array(loaded.spec.dataset.num_classes)}
-    entries = collect_unaries(model, dataset, protocol, search_indices(len(dataset), images), device)
+    entries = collect_unaries(model, dataset, protocol, search_indices(len(dataset), images), device,
+                              loaded.spec.dataset.mean, loaded.spec.dataset.std)
     for index, entry in enumerate(entries):
         arrays[f"probs_{index}"] = entry["probs"].numpy()
         arrays[f"rgb_{index}"] = entry["rgb"].numpy()

@@ -62,16 +62,18 @@ def fine_ranges(best: dict) -> dict:
 
 
 @torch.no_grad()
-def collect_unaries(model, dataset, protocol, indices, device) -> list[dict]:
-    """The network's probabilities (float16), RGB and mask of each image of `indices`."""
+def collect_unaries(model, dataset, protocol, indices, device, mean, std) -> list[dict]:
+    """The network's probabilities (float16), RGB and mask of each image of `indices`; `mean`/`std` are
+    the dataset's normalisation (RunSpec.dataset)."""
     from rich.progress import track
 
     from deeplab_lit.inference import predict_probs
+    from deeplab_lit.preprocessing import normalise
 
     entries = []
     for index in track(indices, description="CRF search: probabilities", transient=True):
         item = dataset[index]
-        probs = predict_probs(model, item["image"][None].to(device), protocol)[0]
+        probs = predict_probs(model, normalise(item["image"][None].to(device), mean, std), protocol)[0]
         entries.append({"probs": probs.half().cpu(), "rgb": torch.as_tensor(item["rgb"]), "mask": item["mask"]})
     return entries
 

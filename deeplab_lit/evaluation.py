@@ -15,7 +15,7 @@ from deeplab_lit.records import MetricResult
 
 
 
-def main_confusion(module) -> Optional["np.ndarray"]:
+def main_confusion(module):
     """The main protocol's confusion matrix (pixels, rows = ground truth) of the module's last evaluation."""
     result = getattr(module, "last_results", {}).get("mIoU")
     return None if result is None else result["per_image"].confusion

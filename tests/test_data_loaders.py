@@ -18,10 +18,9 @@ from datamodules.dataset import Sample, SegmentationDataset
 from datamodules.loaders import ShardSampler, pad_collate, sample_seed, train_sampler, tune_malloc
 from datamodules.readers import valid_value_table
 from datamodules.synthetic import generate_synthetic
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, train_transform
+from datamodules.transforms import MEAN_RGB_UINT8, train_transform
 from test_data_trees import write_jpeg, write_palette_png
 
-MEAN_NORMALISED = (np.array(MEAN_RGB_UINT8) / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +53,15 @@ def test_padding_fills_mask_with_255_and_image_with_the_mean(tmp_path):
         padded = item["mask"] == 255
         assert int(padded.sum()) == 64 * 64 - 30 * 40
         assert set(item["mask"].unique().tolist()) == {3, 255}
+        assert item["image"].dtype == torch.uint8 and item["mask"].dtype == torch.uint8  # normalised on the device
         image = item["image"].permute(1, 2, 0).numpy()
-        np.testing.assert_allclose(image[padded.numpy()], np.broadcast_to(MEAN_NORMALISED, (int(padded.sum()), 3)), atol=1e-5)
+        assert (image[padded.numpy()] == np.array(MEAN_RGB_UINT8, np.uint8)).all()
 
 
 def test_train_transform_parameters_are_the_albumentations_2_names():
     transform = train_transform(crop_size=321, scale_range=(0.5, 2.0), flip=True)
     names = [type(t).__name__ for t in transform.transforms]
-    assert names == ["RandomScale", "PadIfNeeded", "RandomCrop", "HorizontalFlip", "Normalize"]
+    assert names == ["RandomScale", "PadIfNeeded", "RandomCrop", "HorizontalFlip"]  # normalised on the device
     scale, pad = transform.transforms[0], transform.transforms[1]
     assert tuple(scale.scale_limit) == pytest.approx((-0.5, 1.0))
     assert (pad.fill, pad.fill_mask) == ((124, 116, 104), 255)
@@ -101,15 +101,16 @@ def test_flip_happens_only_when_enabled(tmp_path):
 
 def test_pad_collate_pads_image_mask_rgb_and_keeps_content():
     def item(h, w, value):
-        return {"image": torch.full((3, h, w), float(value)), "mask": torch.full((h, w), value, dtype=torch.int64),
+        return {"image": torch.full((3, h, w), value, dtype=torch.uint8), "mask": torch.full((h, w), value, dtype=torch.uint8),
                 "name": f"{h}x{w}", "rgb": torch.full((h, w, 3), value, dtype=torch.uint8)}  # fmt: skip
 
-    batch = pad_collate([item(3, 5, 7), item(4, 2, 9)])
+    batch = pad_collate([item(3, 5, 7), item(4, 2, 9)], image_fill=(124, 116, 104))
     assert batch["image"].shape == (2, 3, 4, 5) and batch["mask"].shape == (2, 4, 5) and batch["rgb"].shape == (2, 4, 5, 3)
     assert batch["name"] == ["3x5", "4x2"]
     assert batch["mask"][0].tolist() == [[7] * 5] * 3 + [[255] * 5]
     assert batch["mask"][1].tolist() == [[9, 9, 255, 255, 255]] * 4
-    assert (batch["image"][0, :, 3] == 0).all() and (batch["image"][0, :, :3] == 7).all()
+    assert batch["image"][0, :, 3].tolist() == [[124] * 5, [116] * 5, [104] * 5]  # the mean colour
+    assert (batch["image"][0, :, :3] == 7).all() and batch["image"].dtype == torch.uint8
     assert (batch["rgb"][1, :, 2:] == 0).all() and (batch["rgb"][1, :, :2] == 9).all()
     single = pad_collate([item(3, 5, 7)])
     assert single["mask"].shape == (1, 3, 5) and (single["mask"] == 7).all()
@@ -120,7 +121,7 @@ def test_eval_loader_batches_images_of_different_sizes(tmp_path, synthetic_root)
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     assert [len(b["name"]) for b in batches] == [3, 3, 1]
-    assert batches[0]["rgb"].dtype == torch.uint8 and batches[0]["mask"].dtype == torch.int64
+    assert batches[0]["rgb"].dtype == torch.uint8 and batches[0]["mask"].dtype == batches[0]["image"].dtype == torch.uint8
     assert sum(len(b["name"]) for b in batches) == len(dm.val_dataset) == 7
 
 

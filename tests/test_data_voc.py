@@ -7,11 +7,13 @@ import shutil
 
 import cv2
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
 from deeplab_lit.config import DataConfig
 from deeplab_lit.errors import UserError
+from deeplab_lit.preprocessing import prepare_batch
 from datamodules import build_datamodule, validate_data_config
 from datamodules.prepare import main as prepare_main
 from datamodules.prepare import prepare_sbd, prepare_voc
@@ -67,8 +69,8 @@ def test_voc_aug_datamodule_items(voc_root):
     assert sorted(s.name for s in dm.train_dataset.samples) == TRAIN_AUG
     assert [s.name for s in dm.val_dataset.samples] == VOC_VAL
     item = dm.train_dataset[0]
-    assert item["image"].shape == (3, 33, 33) and item["image"].dtype.is_floating_point
-    assert item["mask"].shape == (33, 33) and str(item["mask"].dtype) == "torch.int64"
+    assert item["image"].shape == (3, 33, 33) and item["image"].dtype == torch.uint8  # normalised on the device
+    assert item["mask"].shape == (33, 33) and item["mask"].dtype == torch.uint8
 
     # Evaluation items: the whole image, the mask exactly as stored (255 included).
     train_aug = dm.eval_dataset("train_aug")
@@ -82,8 +84,10 @@ def test_voc_aug_datamodule_items(voc_root):
     assert 255 in item["mask"]
     rgb = cv2.imread(str(root / f"VOCdevkit/VOC2012/JPEGImages/{VOC_VAL[0]}.jpg"))[..., ::-1]
     assert np.array_equal(item["rgb"].numpy(), rgb) and item["rgb"].shape == (30, 40, 3)
-    expected = (rgb / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    np.testing.assert_allclose(item["image"].numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+    assert np.array_equal(item["image"].numpy(), rgb.transpose(2, 0, 1))
+    expected = (rgb / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # what the module feeds the network
+    normalised = prepare_batch({"image": item["image"][None]}, dm.mean, dm.std)["image"][0]
+    np.testing.assert_allclose(normalised.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
 
 
 def test_voc_datamodule_stages_and_splits(voc_root):

@@ -16,7 +16,7 @@ from deeplab_lit.config.resolve import (
     resolve_stored, run_changes)
 from deeplab_lit.config.schema import (
     EVALUATION, INFRASTRUCTURE, RUN, Config, CRFConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig,
-    PaperConfig, ProtocolConfig, WandbConfig, key_role, plain)
+    PaperConfig, PerfConfig, ProtocolConfig, WandbConfig, key_role, plain)
 
 
 def load_experiment(name: str, overrides=()) -> Config:
@@ -51,7 +51,7 @@ def flat_keys() -> set[str]:
 
 __all__ = [
     "Config", "CRFConfig", "DataConfig", "DatasetInfo", "EvalConfig", "ModelConfig", "OptimConfig", "PaperConfig",
-    "ProtocolConfig", "RunSpec", "WandbConfig", "EVALUATION", "INFRASTRUCTURE", "RUN", "build_protocols",
+    "PerfConfig", "ProtocolConfig", "RunSpec", "WandbConfig", "EVALUATION", "INFRASTRUCTURE", "RUN", "build_protocols",
     "config_from_dict", "data_dir", "experiment_names", "experiments_dir", "flat", "flat_keys", "key_role",
     "list_experiments", "load_experiment", "parse_override", "plain", "resolve_experiment", "resolve_file",
     "resolve_stored", "run_changes", "split_overrides", "to_dict", "to_yaml"]

@@ -32,6 +32,7 @@ import yaml
 from deeplab_lit.config import compose
 from deeplab_lit.config.schema import (
     EVALUATION, INFRASTRUCTURE, SECTIONS, Config, ProtocolConfig, key_role, plain)
+from deeplab_lit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from deeplab_lit.errors import UserError
 from deeplab_lit.protocols import Protocol, check_protocol_name
 
@@ -45,6 +46,8 @@ class DatasetInfo:
     name: str
     num_classes: int
     class_names: tuple[str, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB in 0..1: what deeplab_lit.preprocessing uses
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class RunSpec:
         if "precision" not in self.config.trainer:
             bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             defaults["precision"] = "bf16-mixed" if bf16 else "32-true"
-        return {**defaults, **self.config.trainer}
+        return {**defaults, **self.config.trainer, "benchmark": self.config.perf.cudnn_benchmark}
 
     def base_run_dir(self) -> Optional[Path]:
         """For `model.pretrained: run:<experiment>`: that experiment's default run directory, same seed."""
@@ -352,6 +355,8 @@ def _validate_trainer(trainer) -> None:
     from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
     from typing import get_args
 
+    if "benchmark" in trainer:  # one key for it, recorded as infrastructure
+        raise UserError("trainer.benchmark: use perf.cudnn_benchmark=true|false instead")
     steps = trainer.get("max_steps")
     if not _is_int(steps) or steps < 1:
         raise UserError(f"trainer.max_steps={steps!r} must be a positive number of steps (the schedule is defined by it)")
@@ -411,7 +416,7 @@ def dataset_info(config: Config) -> DatasetInfo:
     from datamodules import DATAMODULES
 
     cls = DATAMODULES[config.data.name]
-    return DatasetInfo(config.data.name, cls.num_classes, tuple(cls.class_names))
+    return DatasetInfo(config.data.name, cls.num_classes, tuple(cls.class_names), tuple(cls.mean), tuple(cls.std))
 
 
 # ---------------------------------------------------------------------------------------------------

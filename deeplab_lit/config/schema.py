@@ -192,6 +192,20 @@ class CRFConfig(CRFParams):
 
 
 @dataclass(frozen=True)
+class PerfConfig(Section):
+    """How fast, never what: these keys do not change a run's identity (same results within float
+    tolerance). Off by default until a GPU measurement (benchmarks/gpu.py) shows each one pays."""
+
+    channels_last: bool = key(False, "network and batches in channels-last memory format (tensor cores prefer "
+                                     "NHWC convolutions; same logits within float tolerance)")
+    compile: bool = key(False, "torch.compile the network when fit starts (nn.Module.compile: checkpoints keep "
+                               "their parameter names); the first steps, and evaluation's first new sizes, pay "
+                               "the compilation")
+    cudnn_benchmark: bool = key(False, "let cuDNN pick the fastest convolution algorithms for the fixed training "
+                                       "crop (trainer benchmark=True); evaluation's varying sizes re-tune per size")
+
+
+@dataclass(frozen=True)
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = key("offline", "offline (sync later), online, disabled")
     project: str = key("deeplab_lit", "W&B project")
@@ -228,6 +242,7 @@ class Config(Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     crf: CRFConfig = field(default_factory=CRFConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     trainer: dict[str, Any] = key({}, "lightning.Trainer arguments (max_steps, devices, precision, ...)")
     wandb: WandbConfig = field(default_factory=WandbConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
@@ -246,7 +261,7 @@ TRAINER_EVALUATION = frozenset({"precision", "limit_val_batches", "limit_test_ba
 
 # The role of every key of a section unless the key says otherwise.
 SECTION_ROLES = {"model": RUN, "data": RUN, "optim": RUN, "eval": EVALUATION, "crf": EVALUATION,
-                 "wandb": INFRASTRUCTURE, "paper": INFRASTRUCTURE}
+                 "perf": INFRASTRUCTURE, "wandb": INFRASTRUCTURE, "paper": INFRASTRUCTURE}
 
 
 def key_role(dotted: str) -> str:

@@ -28,7 +28,8 @@ def build_module(spec, network=None) -> SegmentationModule:
     return MODULES[config.model.generation](
         network, class_names=spec.dataset.class_names, recipe=config.optim, max_steps=config.trainer["max_steps"],
         protocols=spec.protocols, crf=config.crf, log_images=config.wandb.log_images,
-        qualitative_images=config.eval.qualitative_images)
+        qualitative_images=config.eval.qualitative_images, mean=spec.dataset.mean, std=spec.dataset.std,
+        perf=config.perf)
 
 
 __all__ = ["MODULES", "SegmentationModule", "build_module"]

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deeplab_lit.config import CRFConfig, OptimConfig
+from deeplab_lit.config import CRFConfig, OptimConfig, PerfConfig
 from deeplab_lit.errors import UserError
 from deeplab_lit.inference import predict_probs
 from deeplab_lit.modules.losses import IGNORE_INDEX, loss_terms
 from deeplab_lit.models.batchnorm import batchnorm_layers
+from deeplab_lit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, prepare_batch
 from deeplab_lit.protocols import MetricKey, Protocol
 from deeplab_lit.records import PerImageCounts, iou_from_counts, miou_from_counts
 
@@ -60,8 +61,13 @@ class NonFiniteLossError(UserError):
 class SegmentationModule(L.LightningModule):
     def __init__(self, network: nn.Module, *, class_names, recipe: OptimConfig, max_steps: int,
                  protocols=(Protocol(),), crf: CRFConfig = CRFConfig(), log_images: int = 4,
-                 qualitative_images: int = 0):
+                 qualitative_images: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 perf: PerfConfig = PerfConfig()):
         super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.perf = perf
+        if perf.channels_last:
+            network.to(memory_format=torch.channels_last)
         self.model = network
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
@@ -135,6 +141,17 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ---------------------------------------------------------------------------- training
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images become normalised floats here, on the device (deeplab_lit/preprocessing.py)."""
+        batch = prepare_batch(batch, self.mean, self.std)
+        if self.perf.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def on_fit_start(self) -> None:
+        if self.perf.compile:  # in place: the state dict keeps its names, so checkpoints are unchanged
+            self.model.compile()
+
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)
 
