@@ -26,6 +26,7 @@ FAST = [
     "trainer.val_check_interval=2",
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
+    "eval.canvas=[]",  # v3/v3+ evaluate on a 513x513 canvas (TF eval_crop_size): the CPU tests use the image size
 ]
 
 
