@@ -14,25 +14,9 @@ import numpy as np
 from PIL import Image
 
 from deeplab_lit.errors import UserError
+from deeplab_lit.palette import VOC_PALETTE
 
 IGNORE_INDEX = 255
-
-
-def voc_palette(num_colors: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (num_colors x 3 uint8): class i's colour from the bits of i."""
-    palette = np.zeros((num_colors, 3), dtype=np.uint8)
-    for index in range(num_colors):
-        value, r, g, b = index, 0, 0, 0
-        for bit in range(8):
-            r |= ((value >> 0) & 1) << (7 - bit)
-            g |= ((value >> 1) & 1) << (7 - bit)
-            b |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette[index] = (r, g, b)
-    return palette
-
-
-VOC_PALETTE = voc_palette()
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -49,6 +49,7 @@ import numpy as np
 
 from deeplab_lit.errors import UserError
 from deeplab_lit.files import atomic_write, write_json_atomic
+from deeplab_lit.palette import VOC_PALETTE
 from deeplab_lit.protocols import MetricKey
 
 SCHEMA_VERSION = 2
@@ -177,29 +178,11 @@ def write_predictions(directory: str | Path, predictions: Mapping[str, Mapping[s
             shutil.rmtree(target)
         for name, labels in maps.items():
             png = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
-            png.putpalette(PALETTE.reshape(-1).tolist())
+            png.putpalette(VOC_PALETTE.reshape(-1).tolist())
             buffer = io.BytesIO()
             png.save(buffer, format="PNG")
             atomic_write(target / f"{safe_name(name)}.png", lambda stream, data=buffer.getvalue(): stream.write(data))
     return directory
-
-
-def _palette() -> np.ndarray:
-    """The PASCAL VOC colour map (256 x 3 uint8), as datamodules.readers.voc_palette (records may not
-    import datamodules)."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        value, r, g, b = index, 0, 0, 0
-        for bit in range(8):
-            r |= ((value >> 0) & 1) << (7 - bit)
-            g |= ((value >> 1) & 1) << (7 - bit)
-            b |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette[index] = (r, g, b)
-    return palette
-
-
-PALETTE = _palette()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,18 @@ from PIL import Image
 
 from test_fit import FAST, cli
 
+
+def exported_runner(fmt, path):
+    """The exported graph as a function: a float N x 3 x H x W tensor -> logits as a numpy array."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda image: session.run(["logits"], {"image": image.numpy()})[0]
+    loaded = torch.jit.load(str(path))
+    return lambda image: loaded(image).numpy()
+
+
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
 SYNTHETIC = ["background", "disc", "square", "triangle", "star", "cross"]
 # What must never reach a user's console (see the issue: tips, advertisements, warnings our arguments cause).
@@ -269,14 +281,7 @@ def test_export_matches_pytorch_at_two_sizes(model_file, tmp_path, fmt):
     out = tmp_path / f"model.{fmt}"
     assert export_main(["--checkpoint", str(model_file), "--format", fmt, "--out", str(out)]) == 0
     seg = load_checkpoint(model_file)
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        run = lambda image: session.run(["logits"], {"image": image.numpy()})[0]  # noqa: E731
-    else:
-        loaded = torch.jit.load(str(out))
-        run = lambda image: loaded(image).numpy()  # noqa: E731
+    run = exported_runner(fmt, out)
     rng = np.random.default_rng(2)
     for height, width in [(70, 97), (97, 65)]:  # neither the traced size nor a stride multiple
         rgb = rng.integers(0, 255, (2, height, width, 3), dtype=np.uint8)
@@ -334,14 +339,7 @@ def test_export_of_a_v2_msc_network_follows_the_input_size(tmp_path, fmt):
     model = save_model_file(tmp_path / "msc.pt", build_model(spec.config.model, 6).eval(), spec, step=0)
     seg = load_checkpoint(model)
     path = export(exportable(seg), tmp_path / f"msc.{fmt}", fmt)
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        run = lambda image: session.run(["logits"], {"image": image.numpy()})[0]  # noqa: E731
-    else:
-        loaded = torch.jit.load(str(path))
-        run = lambda image: loaded(image).numpy()  # noqa: E731
+    run = exported_runner(fmt, path)
     for height, width in [(70, 97), (97, 65)]:
         rgb = np.random.default_rng(3).integers(0, 255, (1, height, width, 3), dtype=np.uint8)
         with torch.no_grad():

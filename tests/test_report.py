@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from deeplab_lit import report
-from deeplab_lit.config import load_experiment, resolve_experiment, to_dict
+from deeplab_lit.config import resolve_experiment, to_dict
 from deeplab_lit.errors import UserError
 from deeplab_lit.protocols import MetricKey
 from deeplab_lit.records import MetricResult, SummaryRecord

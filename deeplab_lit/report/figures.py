@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from deeplab_lit.records import PALETTE
+from deeplab_lit.palette import VOC_PALETTE as PALETTE
 
 VERDICT_COLOURS = {"agrees, significant": "#1a9641", "agrees within noise": "#a6d96a", "disagrees": "#fdae61",
                    "disagrees, significant": "#d7191c", "differs, significant": "#2b83ba", "within noise": "#abdda4"}
