@@ -1,12 +1,18 @@
-"""The CRF parameter search on a real (2-step) checkpoint: grid, fine stage, outputs, sweep mode."""
+"""The CRF parameter search: the command on a real (2-step) checkpoint (grid, fine stage, outputs, sweep
+mode), and `fit`'s `crf.search` protocol (v1/v2 Sec. 4.1) inside the final evaluation."""
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import yaml
 
-from deeplab_lit.crf_validation import confusion, fine_ranges, grid, miou_from_confusion
+from deeplab_lit.config import CRFConfig, resolve_experiment
+from deeplab_lit.crf.errors import CRFInputError
+from deeplab_lit.crf_validation import (
+    COARSE, coarse_ranges, confusion, fine_ranges, grid, miou_from_confusion, with_best)
+from deeplab_lit.errors import UserError
 from test_fit import cli, run_fit
 
 
@@ -60,3 +66,40 @@ def test_search_end_to_end_and_sweep_mode(tmp_path):
 
     partial = cli("deeplab_lit.crf.search", "--checkpoint", str(checkpoint), "--crf.bi_w=5")
     assert partial.returncode == 2 and "give all three" in partial.stderr
+
+
+# --- fit's crf.search ---------------------------------------------------------------------------------
+
+SEARCH = ["crf.enabled=true", "crf.search=true"]
+
+
+def test_with_best_is_a_new_checked_object_with_only_the_searched_values_changed():
+    crf = CRFConfig(enabled=True, search=True, bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=1.0)
+    found = with_best(crf, {"bi_w": 5, "bi_xy_std": 30.0, "bi_rgb_std": 5.0, "pos_w": 99.0, "iterations": 1})
+    assert type(found) is CRFConfig and found is not crf and crf.bi_w == 4.0  # the original is untouched
+    assert (found.bi_w, found.bi_xy_std, found.bi_rgb_std) == (5.0, 30.0, 5.0)
+    assert found == dataclasses.replace(crf, bi_w=5.0, bi_xy_std=30.0, bi_rgb_std=5.0)  # w2, σγ, iterations kept
+    with pytest.raises(CRFInputError, match="crf.bi_xy_std"):
+        with_best(crf, {"bi_w": 5.0, "bi_xy_std": 0.0, "bi_rgb_std": 5.0})
+
+
+def test_the_search_grid_is_the_configs_and_the_commands_default():
+    assert coarse_ranges(CRFConfig()) == COARSE
+    assert COARSE["bi_w"] == [3, 4, 5, 6, 8, 10] and COARSE["bi_xy_std"] == list(range(30, 121, 10))
+    spec = resolve_experiment("largefov", [*SEARCH, "crf.search_bi_w=[3,5]", "crf.search_bi_xy_std=[30]"])
+    assert coarse_ranges(spec.config.crf) == {"bi_w": [3.0, 5.0], "bi_xy_std": [30.0],
+                                              "bi_rgb_std": COARSE["bi_rgb_std"]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("crf.search_images=0", "crf.search_images=0"),
+    ("crf.search_bi_w=[]", "crf.search_bi_w=[]: give at least one value"),
+    ("crf.search_bi_w=[-1]", "crf.search_bi_w=-1.0 must be"),
+    ("crf.search_bi_xy_std=[0]", "crf.search_bi_xy_std=0.0 must be a positive number"),
+    ("crf.search_bi_rgb_std=[3,-2]", "crf.search_bi_rgb_std=-2.0 must be a positive number"),
+])
+def test_search_keys_are_checked_with_one_line_naming_the_key(override, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        resolve_experiment("largefov", [*SEARCH, override])
+    resolve_experiment("largefov", ["crf.enabled=false", "crf.search=true", override])  # no search: not checked
+
