@@ -13,6 +13,7 @@ from deeplab_lit.crf.errors import CRFInputError
 from deeplab_lit.crf_validation import (
     COARSE, coarse_ranges, confusion, fine_ranges, grid, miou_from_confusion, with_best)
 from deeplab_lit.errors import UserError
+from deeplab_lit.records import SummaryRecord
 from test_fit import cli, run_fit
 
 
@@ -102,4 +103,16 @@ def test_search_keys_are_checked_with_one_line_naming_the_key(override, message)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         resolve_experiment("largefov", [*SEARCH, override])
     resolve_experiment("largefov", ["crf.enabled=false", "crf.search=true", override])  # no search: not checked
+
+
+def test_summary_record_carries_the_search_and_reads_records_without_it(tmp_path):
+    search = {"images": 2, "indices": [0, 59], "best": {"bi_w": 5.0}, "best_miou": 0.5, "miou_without_crf": 0.4,
+              "settings": 2, "note": "..."}
+    record = SummaryRecord(kind="fit", experiment="largefov", split="val", results={}, config={}, class_names=["a"],
+                           crf_search=search)
+    assert SummaryRecord.read(record.write(tmp_path / "summary.json")).crf_search == search
+    old = dataclasses.replace(record, crf_search=None).to_json()
+    assert "crf_search" not in old  # absent when unused, as best_on_val: version-2 files of before still read
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert SummaryRecord.read(tmp_path / "old.json").crf_search is None
 
