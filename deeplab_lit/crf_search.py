@@ -10,8 +10,9 @@ goes into a table (printed, and written as CSV and JSON); the best parameters ar
 
 Ranges. v1 (section 4.1) fixes w2 = 3, σγ = 3 and searches w1 in [5, 10], σα in [50, 100] and σβ in
 [3, 10]; v2 (section 4.1) searches w1 in [3, 6], σα in [30, 100], σβ in [3, 6] coarse to fine. The
-default coarse grid covers the union of both (w1 3..10, σα 30..120 step 10, σβ 3..10), the fine grid
-steps w1 by 0.5, σα by 5 and σβ by 1 around the best coarse point. Both are options.
+default coarse grid is the run's `crf.search_bi_w`, `crf.search_bi_xy_std`, `crf.search_bi_rgb_std` (by
+default the union of both: w1 3..10, σα 30..120 step 10, σβ 3..10, as `fit` with `crf.search=true`
+uses); the fine grid steps w1 by 0.5, σα by 5 and σβ by 1 around the best coarse point. Both are options.
 
 As the program of a W&B sweep (sweeps/crf_search.yaml) it evaluates exactly one setting given as
 `--crf.bi_w=.. --crf.bi_xy_std=.. --crf.bi_rgb_std=..` on the cached probabilities and logs
@@ -32,7 +33,8 @@ from deeplab_lit.cli import parser as command_parser
 from deeplab_lit.cli import run
 from deeplab_lit.config import parse_override, split_overrides
 from deeplab_lit.crf_validation import (
-    COARSE, FIXED, SEARCHED, baseline_miou, coarse_to_fine, collect_unaries, evaluate_settings, search_indices)
+    COARSE, FIXED, SEARCHED, baseline_miou, coarse_ranges, coarse_to_fine, evaluate_settings, fixed_params,
+    search_unaries)
 from deeplab_lit.errors import UserError
 from deeplab_lit.files import atomic_write, write_json_atomic, write_text_atomic
 
@@ -40,7 +42,7 @@ CACHE_FORMAT = 1
 
 
 def cache_unaries(checkpoint_path: str, images: int, cache_dir: Path) -> dict:
-    """Probabilities (float16), RGB and masks of the first `images` val images, computed once.
+    """Probabilities (float16), RGB and masks of `images` val images spread evenly over the split, computed once.
 
     The cache is an `.npz` of arrays read back with `allow_pickle=False`: like a checkpoint, a file left
     in the output directory is data, never code. Returns {"entries": [{"probs", "rgb", "mask"}],
@@ -60,8 +62,8 @@ def cache_unaries(checkpoint_path: str, images: int, cache_dir: Path) -> dict:
     datamodule.setup("validate")
     dataset = datamodule.val_dataset
     arrays = {"format": np.array(CACHE_FORMAT), "num_classes": np.array(loaded.spec.dataset.num_classes)}
-    entries = collect_unaries(model, dataset, protocol, search_indices(len(dataset), images), device,
-                              loaded.spec.dataset.mean, loaded.spec.dataset.std)
+    _, entries = search_unaries(model, dataset, protocol, images, device, loaded.spec.dataset.mean,
+                                loaded.spec.dataset.std)
     for index, entry in enumerate(entries):
         arrays[f"probs_{index}"] = entry["probs"].numpy()
         arrays[f"rgb_{index}"] = entry["rgb"].numpy()
@@ -90,10 +92,10 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--images", type=int, default=100, help="val images to cross-validate on (papers: 100)")
     parser.add_argument("--out", help="output directory (default: the checkpoint's directory)")
-    parser.add_argument("--bi-w", type=float, nargs="+", default=COARSE["bi_w"])
-    parser.add_argument("--bi-xy-std", type=float, nargs="+", default=COARSE["bi_xy_std"])
-    parser.add_argument("--bi-rgb-std", type=float, nargs="+", default=COARSE["bi_rgb_std"])
-    parser.add_argument("--no-fine", action="store_true", help="coarse grid only")
+    for name in SEARCHED:  # default: the run's own crf.search_* grid
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, nargs="+",
+                            help=f"coarse values (default: the run's crf.search_{name}; {COARSE[name]} unless set)")
+    parser.add_argument("--no-fine", action="store_true", help="coarse grid only (also: the run's crf.search_fine)")
     args, rest = parser.parse_known_args(argv)
     return args, split_overrides(rest)
 
@@ -117,7 +119,7 @@ def main(argv: list[str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = cache_unaries(args.checkpoint, args.images, out)
     crf = data["crf"]
-    fixed = {name: getattr(crf, name) for name in FIXED}
+    fixed = fixed_params(crf)
     entries, num_classes = data["entries"], data["num_classes"]
     base = baseline_miou(entries, num_classes)
 
@@ -131,8 +133,9 @@ def main(argv: list[str]) -> int:
         raise UserError("give all three of crf.bi_w, crf.bi_xy_std, crf.bi_rgb_std for one setting, or none for the grid")
 
     fixed.update(single)
-    ranges = {"bi_w": args.bi_w, "bi_xy_std": args.bi_xy_std, "bi_rgb_std": args.bi_rgb_std}
-    result = coarse_to_fine(entries, num_classes, fixed, device, ranges, fine=not args.no_fine)
+    given = {"bi_w": args.bi_w, "bi_xy_std": args.bi_xy_std, "bi_rgb_std": args.bi_rgb_std}
+    ranges = {name: given[name] or values for name, values in coarse_ranges(crf).items()}
+    result = coarse_to_fine(entries, num_classes, fixed, device, ranges, fine=crf.search_fine and not args.no_fine)
     write_outputs(out, result.rows, result.rows[0], base, result.images)
     return 0
 

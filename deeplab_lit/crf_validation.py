@@ -10,22 +10,51 @@ round's best values. We employ 10 mean field iterations." (w2 and σγ are the r
 Choices where the papers are silent:
 - which 100 images: evenly spaced over the val list (indices round(i (N - 1) / 99)), so the subset spans
   the split rather than its first ids;
-- the coarse grid covers v1's and v2's ranges together (w1 3..10, σα 30..120 step 10, σβ 3..10), the fine
-  grid steps w1 by 0.5, σα by 5, σβ by 1 (two steps either side of the coarse best);
+- the coarse grid covers v1's and v2's ranges together (w1 3..10, σα 30..120 step 10, σβ 3..10: the
+  defaults of `crf.search_bi_w`, `crf.search_bi_xy_std`, `crf.search_bi_rgb_std`), the fine grid steps w1
+  by 0.5, σα by 5, σβ by 1 (two steps either side of the coarse best; `crf.search_fine`);
 - the score is the mIoU of one confusion matrix over the search images (as every metric here).
+
+The search images are val images, and the run then reports on the whole val set, those images included:
+the papers did the same (100 val images held out for the cross-validation, the tables on all of val), so
+the CRF rows here follow them; the search subset is recorded (`crf_search.indices` of summary.json) so a
+reader can tell.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-COARSE = {"bi_w": [3, 4, 5, 6, 8, 10], "bi_xy_std": list(range(30, 121, 10)), "bi_rgb_std": [3, 4, 5, 6, 8, 10]}
-FINE_STEPS = {"bi_w": 0.5, "bi_xy_std": 5.0, "bi_rgb_std": 1.0}
+from deeplab_lit.config.schema import CRFConfig
+
 SEARCHED = ("bi_w", "bi_xy_std", "bi_rgb_std")
 FIXED = ("iterations", "pos_w", "pos_xy_std")
+FINE_STEPS = {"bi_w": 0.5, "bi_xy_std": 5.0, "bi_rgb_std": 1.0}
+
+
+def coarse_ranges(crf) -> dict:
+    """The coarse grid of a `crf` config section: `crf.search_bi_w`, `crf.search_bi_xy_std`,
+    `crf.search_bi_rgb_std` (one place for the grid: the command's defaults are the config's)."""
+    return {name: list(getattr(crf, f"search_{name}")) for name in SEARCHED}
+
+
+def fixed_params(crf) -> dict:
+    """What the search holds fixed: w2, σγ and the iterations. v1/v2 Sec. 4.1 fix w2 = 3, σγ = 3 and use
+    10 mean-field iterations; here they are the row's own values."""
+    return {name: getattr(crf, name) for name in FIXED}
+
+
+def with_best(crf, best: dict):
+    """`crf` (a frozen CRF parameter type: CRFParams, the config's CRFConfig) with the searched w1, σα, σβ:
+    a new object, checked by the type's own validation; everything else (w2, σγ, backend) unchanged."""
+    return dataclasses.replace(crf, **{name: float(best[name]) for name in SEARCHED})
+
+
+COARSE = coarse_ranges(CRFConfig())
 
 
 def search_indices(length: int, images: int) -> list[int]:
@@ -59,6 +88,12 @@ def fine_ranges(best: dict) -> dict:
         key: sorted({max(step, round(best[key] + k * step, 3)) for k in (-2, -1, 0, 1, 2)})
         for key, step in FINE_STEPS.items()
     }
+
+
+def search_unaries(model, dataset, protocol, images: int, device, mean, std) -> tuple[list[int], list[dict]]:
+    """The search images (`images` spread evenly over `dataset`) and their unaries under `protocol`."""
+    indices = search_indices(len(dataset), images)
+    return indices, collect_unaries(model, dataset, protocol, indices, device, mean, std)
 
 
 @torch.no_grad()
@@ -107,10 +142,11 @@ class SearchResult:
     best_miou: float  # on the search images
     miou_without_crf: float  # on the search images
     rows: list[dict] = field(default_factory=list)  # every setting: stage, parameters, miou; best first
+    indices: list[int] = field(default_factory=list)  # the search images' positions in the split, if known
 
     def record(self) -> dict:
-        return {"images": self.images, "best": self.best, "best_miou": self.best_miou,
-                "miou_without_crf": self.miou_without_crf, "settings": len(self.rows)}
+        return {"images": self.images, "indices": list(self.indices), "best": self.best,
+                "best_miou": self.best_miou, "miou_without_crf": self.miou_without_crf, "settings": len(self.rows)}
 
 
 def coarse_to_fine(entries: list[dict], num_classes: int, fixed: dict, device, ranges: dict | None = None,
@@ -128,3 +164,12 @@ def coarse_to_fine(entries: list[dict], num_classes: int, fixed: dict, device, r
     rows.sort(key=lambda r: -r["miou"])
     best = {k: rows[0][k] for k in (*FIXED, *SEARCHED)}
     return SearchResult(len(entries), best, rows[0]["miou"], baseline_miou(entries, num_classes), rows)
+
+
+def search_run(model, dataset, protocol, crf, num_classes: int, device, mean, std) -> SearchResult:
+    """The papers' protocol for a run's `crf` section (v1/v2 Sec. 4.1): unaries of `crf.search_images` val
+    images under the run's evaluation `protocol`, then the coarse grid of `crf.search_*` with w2, σγ and
+    the iterations fixed, refined around its best unless `crf.search_fine` is off."""
+    indices, entries = search_unaries(model, dataset, protocol, crf.search_images, device, mean, std)
+    result = coarse_to_fine(entries, num_classes, fixed_params(crf), device, coarse_ranges(crf), fine=crf.search_fine)
+    return dataclasses.replace(result, indices=indices)

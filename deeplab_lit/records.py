@@ -9,14 +9,19 @@ One typed record with a schema version, so the writer and every reader agree on 
      "per_class_iou": {...},                                        # the main protocol's, for a glance
      "protocol": {...},                                             # the run's columns for dashboards
      "config": {...}, "overrides": [...], "paper": {...}, "checkpoint": "...", "steps": 30000, ...,
-     "best_on_val": {"checkpoint": ".../best-on-val.pt", "step": 20000, ...}}  # only with keep_best_on_val
+     "best_on_val": {"checkpoint": ".../best-on-val.pt", "step": 20000, ...},  # only with keep_best_on_val
+     "crf_search": {"images": 100, "indices": [0, 15, ...], "best": {"bi_w": 5.0, ...},  # only with crf.search
+                    "best_miou": .., "miou_without_crf": .., "settings": 485, "note": "..."}}
 
 `results` is keyed by `protocols.MetricKey` text; each entry carries the protocol that produced it and
 the checkpoint and step it was computed from: for `fit`, the final weights (`model.pt` at the last step,
 the end of the schedule, as the papers report). `best_on_val`, present only when the run kept a
 best-on-val model file, says where it is and at which step it was selected; it is never in `results` or
-`metrics`, so nothing compares it with the paper. A per-class IoU of a class absent from both prediction and
-ground truth is null (it is left out of the mean).
+`metrics`, so nothing compares it with the paper. `crf_search`, present only when `fit` ran the papers' CRF
+search (`crf.search`), holds the CRF parameters found (the `*_crf` results were computed with them, not
+with `config.crf`'s), the search images (val positions, also part of the reported val, as in the papers)
+and the search subset's mIoU without and with the CRF. A per-class IoU of a class absent from both
+prediction and ground truth is null (it is left out of the mean).
 
 Beside the JSON, `SummaryRecord.write` puts two side files (never part of the JSON):
 
@@ -52,6 +57,8 @@ from deeplab_lit.files import atomic_write, write_json_atomic
 from deeplab_lit.palette import VOC_PALETTE
 from deeplab_lit.protocols import MetricKey
 
+# The version changes when a field changes meaning or a required field appears; an optional field that is
+# absent when unused (best_on_val, crf_search) leaves it: every reader of version 2 reads such files.
 SCHEMA_VERSION = 2
 PER_IMAGE_VERSION = 1
 
@@ -231,6 +238,7 @@ class SummaryRecord:
     device: str = ""
     weights: str = ""  # "final" (the end of the schedule), "best-on-val" (selected on val) or "checkpoint"
     best_on_val: Optional[dict] = None  # keep_best_on_val: file, step, val mIoU at selection (never compared)
+    crf_search: Optional[dict] = None  # crf.search: the CRF parameters found, the search images, their mIoU
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -250,6 +258,7 @@ class SummaryRecord:
             "paper": self.paper, "class_names": list(self.class_names), "checkpoint": self.checkpoint,
             "steps": self.steps, "wall_time_s": self.wall_time_s, "device": self.device, "weights": self.weights,
             **({"best_on_val": self.best_on_val} if self.best_on_val else {}),
+            **({"crf_search": self.crf_search} if self.crf_search else {}),
         }
 
     def write(self, path: str | Path) -> Path:
@@ -278,7 +287,8 @@ class SummaryRecord:
             overrides=list(data.get("overrides", [])), protocol=dict(data.get("protocol", {})),
             paper=dict(data.get("paper", {})), checkpoint=data.get("checkpoint", ""), steps=data.get("steps"),
             wall_time_s=data.get("wall_time_s"), device=data.get("device", ""),
-            weights=data.get("weights", ""), best_on_val=data.get("best_on_val"), schema_version=int(data["schema_version"]))
+            weights=data.get("weights", ""), best_on_val=data.get("best_on_val"), crf_search=data.get("crf_search"),
+            schema_version=int(data["schema_version"]))
 
     @classmethod
     def read(cls, path: str | Path) -> "SummaryRecord":

@@ -293,6 +293,13 @@ def _validate_crf_search(config: Config) -> None:
     # `crf.enabled=false` on a searched row is the row without CRF, not a mistake.
     if config.crf.enabled and config.crf.search:
         _check_int("crf.search_images", config.crf.search_images, low=1)
+        # Kernel weights are >= 0 and standard deviations > 0: the values CRFParams accepts for w1, sigmas.
+        for name, positive in (("bi_w", False), ("bi_xy_std", True), ("bi_rgb_std", True)):
+            values = getattr(config.crf, f"search_{name}")
+            if not values:
+                raise UserError(f"crf.search_{name}=[]: give at least one value to search")
+            for value in values:
+                _check_number(f"crf.search_{name}", value, positive=positive, low=0)
 
 
 def _validate_optim(config: Config) -> None:

@@ -184,6 +184,14 @@ class CRFConfig(CRFParams):
     search: bool = key(False, "cross-validate w1, sigma_alpha, sigma_beta on search_images val images (the papers' "
                               "coarse-to-fine search) and evaluate with the values found; runs only with crf.enabled")
     search_images: int = key(100, "val images of the CRF search (v1/v2: 100)")
+    # The coarse grid covers v1's and v2's ranges together (v1/v2 Sec. 4.1); crf_validation.py reads these.
+    search_bi_w: tuple[float, ...] = key((3.0, 4.0, 5.0, 6.0, 8.0, 10.0),
+                                         "w1 values of the search's coarse grid (v1: 5..10, v2: 3..6)")
+    search_bi_xy_std: tuple[float, ...] = key(tuple(float(v) for v in range(30, 121, 10)),
+                                              "sigma_alpha values of the coarse grid (v1: 50..100, v2: 30..100)")
+    search_bi_rgb_std: tuple[float, ...] = key((3.0, 4.0, 5.0, 6.0, 8.0, 10.0),
+                                               "sigma_beta values of the coarse grid (v1: 3..10, v2: 3..6)")
+    search_fine: bool = key(True, "refine around the coarse best (steps w1 0.5, sigma_alpha 5, sigma_beta 1)")
 
     @property
     def params(self) -> CRFParams:
