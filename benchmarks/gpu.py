@@ -19,7 +19,7 @@ v3_train_os8, v3plus; `model.pretrained=none`, random inputs and labels, 21 clas
                      momentum, activations), v3 R101 trained at OS 8 (v3 App. A: batch 6 fits there)
                      per --memory-batches in fp32 and bf16 + channels_last, and v3 at OS 16 with the
                      paper's batch 16 (`paper_batch`); "OOM" when the step runs out of memory
-  eval_ms_flip       images/s of deeplab_lit.inference.predict_probs under v3's `os8_ms_flip` protocol
+  eval_ms_flip       images/s ("ms" = multi-scale) of deeplab_lit.inference.predict_probs under v3's `os8_ms_flip` protocol
                      (OS 8, scales 0.5..1.75 step 0.25, + flip, 513x513 canvas), batch 1, fp32 and bf16
   crf_torch          ms per image of the torch dense CRF on the GPU, batch 1 and 8 (500x375, 21 labels,
                      10 iterations, v2 ResNet parameters; benchmarks/crf.py's photographs)

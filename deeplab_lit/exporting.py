@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeplab_lit.errors import UserError
+from deeplab_lit.preprocessing import normalise
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -48,12 +49,11 @@ class ExportableSegmenter(nn.Module):
     def __init__(self, network: nn.Module, mean, std, multiple: int):
         super().__init__()
         self.network = network
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.mean, self.std = tuple(mean), tuple(std)  # RGB 0..1, deeplab_lit.preprocessing's convention
         self.multiple = int(multiple)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image - self.mean) / self.std
+        x = normalise(image, self.mean, self.std)  # the training normalisation, traced as constants
         height, width = x.shape[-2], x.shape[-1]
         pad_h = (self.multiple - height % self.multiple) % self.multiple
         pad_w = (self.multiple - width % self.multiple) % self.multiple
@@ -69,9 +69,7 @@ def exportable(segmenter) -> ExportableSegmenter:
     stride = segmenter.protocol.output_stride
     if stride and stride != network.output_stride:
         network.set_output_stride(stride)
-    mean = (segmenter.mean.flatten() / 255).tolist()
-    std = (segmenter.std.flatten() / 255).tolist()
-    module = ExportableSegmenter(network, mean, std, pad_multiple(network)).eval()
+    module = ExportableSegmenter(network, segmenter.mean, segmenter.std, pad_multiple(network)).eval()
     for parameter in module.parameters():  # an inference graph: outputs that need no .detach()
         parameter.requires_grad_(False)
     return module

@@ -188,10 +188,11 @@ def test_fit_searches_the_crf_on_val_images_and_reports_with_the_values_found(tm
     printed = capsys.readouterr().out
     assert f"CRF search (v1/v2 Sec. 4.1) on 2 val images, 4 settings: w1={searched['bi_w']:g}," in printed
 
+    # model.pt carries the values found: evaluate (and predict, the load API) refine with them.
+    assert {name: getattr(load_run(checkpoints / "model.pt").spec.config.crf, name) for name in searched} == searched
     out = tmp_path / "explicit.json"
-    assert evaluate_main(["--checkpoint", str(checkpoints / "model.pt"), "--crf.search=false",
-                          *[f"--crf.{name}={value}" for name, value in searched.items()],
-                          "--trainer.limit_val_batches=2", "--json", str(out)]) == 0
+    assert evaluate_main(["--checkpoint", str(checkpoints / "model.pt"), "--trainer.limit_val_batches=2",
+                          "--json", str(out)]) == 0
     explicit = json.loads(out.read_text())["results"]
     assert explicit["mIoU_crf"]["mIoU"] == summary["results"]["mIoU_crf"]["mIoU"]
     assert explicit["mIoU"]["mIoU"] == summary["results"]["mIoU"]["mIoU"]

@@ -51,7 +51,7 @@ def test_fit_two_steps_of_each_generation(tmp_path, name, extra):
     run_dir = run_fit(tmp_path, name, *extra)
     checkpoints = run_dir / "checkpoints"
     # The full state for resuming, the final weights, the record: no second full copy of the same step.
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "model.pt", "summary.json"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "model.pt", "per_image.npz", "predictions", "summary.json"]
     summary = json.loads((checkpoints / "summary.json").read_text())
     assert summary["experiment"] == name and summary["steps"] == 2
     assert summary["weights"] == "final" and summary["checkpoint"] == str(checkpoints / "model.pt")

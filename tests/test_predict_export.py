@@ -66,7 +66,7 @@ def test_the_files_of_a_finished_run(finished_run):
     run_dir, _ = finished_run
     checkpoints = run_dir / "checkpoints"
     # one full state for resuming, one weights-only model file: no second full copy of the same step
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "model.pt", "summary.json"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "model.pt", "per_image.npz", "predictions", "summary.json"]
     assert {"config.yaml", "metrics.csv", "wandb", "wandb_id", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
     last, model = checkpoints / "last.ckpt", checkpoints / "model.pt"
     assert model.stat().st_size < 0.51 * last.stat().st_size  # no optimizer state, no loops
@@ -313,7 +313,8 @@ def test_keep_best_on_val_is_labelled_and_never_reported(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train(spec, run_dir=str(run_dir)) == 0
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-on-val.pt", "last.ckpt", "model.pt", "summary.json"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-on-val.pt", "last.ckpt", "model.pt", "per_image.npz", "predictions",
+                                                         "summary.json"]
     best = torch.load(checkpoints / "best-on-val.pt", weights_only=True)
     assert best["deeplab_lit"]["weights"] == "best-on-val" and best["global_step"] in (1, 2)
     summary = json.loads((checkpoints / "summary.json").read_text())
