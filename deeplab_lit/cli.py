@@ -21,7 +21,12 @@ QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.util
 
 # Deprecation warnings raised inside libraries by their own calls (not by ours), with the pinned versions:
 # Lightning 2.6's pytree helper calls torch 2.14's deprecated LeafSpec check on every batch.
-LIBRARY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+LIBRARY_NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # The module normalises 8-bit batches in `on_after_batch_transfer` (it also serves evaluations given
+    # plain dataloaders); the DataModule defines no such hook, so there is nothing to choose between.
+    r"You have overridden `on_after_batch_transfer` in `LightningModule`",
+)
 
 
 def quiet_libraries() -> None:

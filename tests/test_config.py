@@ -1,7 +1,8 @@
 """Experiments resolve, match the rows of docs/papers.md, and bad overrides fail in one line."""
+import contextlib
+import io
 import re
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -226,7 +227,18 @@ def test_public_keys_of_design_md_exist():
 
 
 def _fit(*args):
-    return subprocess.run([sys.executable, "-m", "deeplab_lit.fit", *args], capture_output=True, text=True)
+    """`python -m deeplab_lit.fit ARGS` as the command runs it (cli.run: one line and exit 2 for a UserError),
+    in this process: a subprocess would pay torch's and Lightning's imports for every call."""
+    from deeplab_lit.cli import run
+    from deeplab_lit.fit import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run(main, list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_cli_list_print_config_and_errors():

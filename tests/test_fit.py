@@ -43,8 +43,8 @@ def run_fit(tmp_path, name, *extra, wandb_mode="offline"):
     [
         ("largefov", ["crf.iterations=2"]),
         ("v2_r101_msc", ["model.backbone=resnet50"]),
-        ("v3", ["model.backbone=resnet50"]),
-        ("v3plus", ["model.backbone=resnet50"]),
+        pytest.param("v3", ["model.backbone=resnet50"], marks=pytest.mark.slow),  # four protocols, MS + flip
+        pytest.param("v3plus", ["model.backbone=resnet50"], marks=pytest.mark.slow),
     ],
 )
 def test_fit_two_steps_of_each_generation(tmp_path, name, extra):
@@ -71,6 +71,7 @@ def test_fit_two_steps_of_each_generation(tmp_path, name, extra):
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_wandb_disabled_leaves_no_files(tmp_path):
     run_dir = run_fit(tmp_path, "v3", "model.backbone=resnet50", "trainer.limit_val_batches=1", wandb_mode="disabled")
     assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id").exists()
@@ -92,6 +93,7 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_to_identical_weights(tmp_path):
     overrides = [*FAST, "model.backbone=resnet50", "trainer.max_steps=4", "trainer.val_check_interval=4",
                  "trainer.limit_val_batches=1", "wandb.mode=disabled", "seed=3"]
@@ -135,6 +137,7 @@ def v3plus_checkpoint(tmp_path_factory):
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_with_protocol_overrides(v3plus_checkpoint, tmp_path):
     out = tmp_path / "eval.json"
     result = cli("deeplab_lit.evaluate", "--checkpoint", str(v3plus_checkpoint), "--eval.output_stride=8",
@@ -148,6 +151,7 @@ def test_evaluate_end_to_end_with_protocol_overrides(v3plus_checkpoint, tmp_path
     assert 0 <= report["metrics"]["val/mIoU"] <= 1
 
 
+@pytest.mark.slow
 def test_evaluate_bad_inputs_exit_2_with_one_line(v3plus_checkpoint, tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
@@ -184,6 +188,7 @@ def test_quick_start_demo_learns(tmp_path):
     assert "mIoU" in result.stdout and "cross" in result.stdout  # the per-class table is printed
 
 
+@pytest.mark.slow
 def test_evaluate_logs_into_the_checkpoints_offline_wandb_run(tmp_path):
     run_dir = run_fit(tmp_path, "v3", "model.backbone=resnet50", "trainer.limit_val_batches=1")
     run_id = (run_dir / "wandb_id").read_text().strip()
