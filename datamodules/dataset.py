@@ -54,7 +54,8 @@ class SegmentationDataset(Dataset):
     def seed(self, seed: int) -> None:
         """Reseed the augmentation. albumentations keeps its own RNG, which forked DataLoader workers
         would otherwise inherit identically (every worker producing the same crops)."""
-        self.transform.set_random_seed(seed % 2**32)
+        if self.transform is not None:  # evaluation items are not augmented
+            self.transform.set_random_seed(seed % 2**32)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The decoded RGB image and its label map (after `label_map`), both unaugmented."""

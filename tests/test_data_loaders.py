@@ -117,7 +117,7 @@ def test_pad_collate_pads_image_mask_rgb_and_keeps_content():
 
 
 def test_eval_loader_batches_images_of_different_sizes(tmp_path, synthetic_root):
-    dm = build_datamodule(cfg(synthetic_root, eval_batch_size=3))
+    dm = build_datamodule(cfg(synthetic_root, eval_batch_size=3, num_workers=1))  # a worker, as every config has
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     assert [len(b["name"]) for b in batches] == [3, 3, 1]
