@@ -213,8 +213,8 @@ def test_unknown_experiment_suggests():
         load_experiment("aspp_ll")
 
 
-def test_public_keys_of_design_md_exist():
-    design_keys = {
+def test_the_public_config_keys_exist():
+    public_keys = {
         "model.generation", "model.backbone", "model.output_stride", "model.multi_grid", "model.aspp_rates",
         "model.image_pooling", "model.cascade_blocks", "model.msc_scales", "model.decoder_channels",
         "model.pretrained", "data.name", "data.root", "data.crop_size", "data.batch_size", "data.num_workers",
@@ -223,7 +223,7 @@ def test_public_keys_of_design_md_exist():
         "crf.bi_w", "crf.bi_xy_std", "crf.bi_rgb_std", "crf.pos_w", "crf.pos_xy_std", "crf.backend",
         "wandb.mode", "wandb.project", "wandb.entity", "wandb.group", "wandb.tags", "seed",
     }
-    assert design_keys <= flat_keys()
+    assert public_keys <= flat_keys()
 
 
 def _fit(*args):
