@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -41,10 +42,27 @@ def quiet_libraries() -> None:
     cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
 
 
+def end_workers_at_exit() -> None:
+    """SIGKILL the daemonic children (DataLoader workers) still alive when the interpreter exits.
+
+    Workers ignore SIGTERM (datamodules.loaders.worker_init: the main process saves on a scheduler's
+    group SIGTERM), so multiprocessing's own exit handler, which terminates daemonic children with SIGTERM
+    and then joins them, would wait forever when an exception ends the command while persistent workers
+    are still running. Registered after multiprocessing's handler, so it runs before it."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Run `main`, turning a UserError (wherever it was raised, DataLoader workers included) into one line
     on stderr and exit code 2."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import multiprocessing.util  # noqa: F401  (its exit handler first, so that ours runs before it)
+
+    atexit.register(end_workers_at_exit)
     quiet_libraries()
     try:
         code = main(sys.argv[1:] if argv is None else argv)

@@ -300,3 +300,31 @@ def test_sigterm_to_the_process_group_with_workers_saves_exits_143_and_resumes(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stdout
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 40
+
+
+def test_a_crash_while_persistent_workers_run_still_exits(tmp_path):
+    """Workers ignore SIGTERM (they leave it to the main process), so multiprocessing's exit handler, which
+    SIGTERMs daemonic children and joins them, waited forever after an error with persistent workers alive."""
+    from datamodules.synthetic import generate_synthetic
+
+    synthetic_root = tmp_path / "synthetic"
+    generate_synthetic(synthetic_root, sizes={"train": 8, "val": 2})
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+from deeplab_lit.cli import run
+from deeplab_lit.config import DataConfig
+from datamodules import build_datamodule
+
+def main(argv):
+    dm = build_datamodule(DataConfig(name="synthetic", root={str(synthetic_root)!r}, num_workers=2, batch_size=2,
+                                     crop_size=33), seed=0)
+    dm.setup("fit")
+    global batches  # held past the error, as a Trainer holds its loaders: the workers stay alive
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    raise RuntimeError("a programming error, not a UserError")
+
+run(main, [])
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1 and "RuntimeError: a programming error" in result.stderr
