@@ -350,7 +350,8 @@ def test_plan_counts_runs_and_training_flops(tmp_path):
 
 FIT_ARGS = ["--data.name=synthetic", "--data.root=", "--data.crop_size=65", "--data.batch_size=2",
             "--data.num_workers=0", "--model.pretrained=none", "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=2", "--trainer.val_check_interval=2", "--wandb.mode=disabled"]
+            "--trainer.limit_val_batches=2", "--trainer.val_check_interval=2", "--wandb.mode=disabled",
+            "--crf.search=false"]  # aspp_s cross-validates its CRF (v2 Sec. 4.1): tested in test_crf_search.py
 
 
 @pytest.fixture(scope="module")
