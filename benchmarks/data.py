@@ -8,7 +8,7 @@ fresh process so glibc's malloc state is not shared between rows:
   dataset   dataset[i] in a plain loop, glibc default malloc           (one worker, untuned)
   tuned     the same after the worker set-up (mallopt thresholds, cv2 single thread)
   loader    DataLoader with 1 worker and batch 10, through the real train_dataloader() (the worker
-            also collates the batch into shared memory; its CPU time is read from /proc)
+            also writes the batch into shared memory; its CPU time is read from /proc)
 Each row gives samples per wall-clock second and per CPU second (of the one process doing the work).
 Crop 321 uses v2's scale range 0.5-1.5, crop 513 v3's 0.5-2.0.
 """

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from deeplab_lit.errors import UserError
 from datamodules.dataset import Sample, SegmentationDataset
-from datamodules.loaders import distributed_rank, eval_sampler, pad_collate, train_sampler, worker_init
+from datamodules.loaders import collated, distributed_rank, eval_sampler, pad_collate, train_sampler, worker_init
 from datamodules.readers import IGNORE_INDEX, VOC_PALETTE, valid_value_table
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_RGB_UINT8, train_transform
 
@@ -175,6 +175,7 @@ class SegmentationDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=True,
             generator=generator,
+            collate_fn=collated,
             **self._loader_kwargs(),
         )
 

@@ -1,7 +1,7 @@
 """Images travel as 8-bit and become network inputs on the device, in one place.
 
 DataLoader workers decode and augment 8-bit RGB, and batches carry it as uint8 N x 3 x H x W (masks as
-uint8 N x H x W, 255 = ignore): a quarter of the bytes of float32 to collate into shared memory and to
+uint8 N x H x W, 255 = ignore; training images are stored channels-last, as decoded): a quarter of the bytes of float32 to collate into shared memory and to
 copy to the GPU, which is what kept one worker below the GPU's appetite. The float conversion and the
 dataset's mean/std normalisation happen after the transfer, here, for training, evaluation, the CRF
 search and the load API alike (`api.Segmenter`), so every path feeds the network the same numbers.
@@ -27,12 +27,16 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float() - mean_t) / std_t
 
 
-def prepare_batch(batch: dict, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """A collated batch on its device: normalised float images, int64 masks (what the loss indexes with).
-    Batches that are already float (a user's own loader) are taken as normalised and left alone."""
+def prepare_batch(
+    batch: dict, mean: Sequence[float], std: Sequence[float], memory_format: torch.memory_format = torch.contiguous_format
+) -> dict:
+    """A collated batch on its device: normalised float images in `memory_format` (training batches
+    arrive stored channels-last, as the workers wrote the crops), int64 masks (what the loss indexes
+    with). Batches that are already float (a user's own loader) are taken as normalised and left alone."""
     image = batch["image"]
     if image.dtype == torch.uint8:
-        batch["image"] = normalise(image, mean, std)
+        image = normalise(image, mean, std)
+    batch["image"] = image.contiguous(memory_format=memory_format)
     if "mask" in batch and batch["mask"].dtype != torch.int64:
         batch["mask"] = batch["mask"].long()
     return batch

@@ -5,6 +5,8 @@ import os
 import socket
 import time
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from datamodules.dataset import Sample, SegmentationDataset
 from datamodules.loaders import ShardSampler, pad_collate, sample_seed, train_sampler, tune_malloc
 from datamodules.readers import valid_value_table
 from datamodules.synthetic import generate_synthetic
-from datamodules.transforms import MEAN_RGB_UINT8, train_transform
+from datamodules.transforms import MEAN_RGB_UINT8, RandomScaleCrop, axis_window, train_transform
 from test_data_trees import write_jpeg, write_palette_png
 
 
@@ -58,15 +60,81 @@ def test_padding_fills_mask_with_255_and_image_with_the_mean(tmp_path):
         assert (image[padded.numpy()] == np.array(MEAN_RGB_UINT8, np.uint8)).all()
 
 
-def test_train_transform_parameters_are_the_albumentations_2_names():
+def test_train_transform_is_one_scale_crop_then_the_flip():
     transform = train_transform(crop_size=321, scale_range=(0.5, 2.0), flip=True)
     names = [type(t).__name__ for t in transform.transforms]
-    assert names == ["RandomScale", "PadIfNeeded", "RandomCrop", "HorizontalFlip"]  # normalised on the device
-    scale, pad = transform.transforms[0], transform.transforms[1]
-    assert tuple(scale.scale_limit) == pytest.approx((-0.5, 1.0))
-    assert (pad.fill, pad.fill_mask) == ((124, 116, 104), 255)
+    assert names == ["RandomScaleCrop", "HorizontalFlip"]  # normalised on the device
+    scale_crop = transform.transforms[0]
+    assert scale_crop.scale_range == (0.5, 2.0) and scale_crop.scales is None
+    assert (scale_crop.fill, scale_crop.fill_mask) == ((124, 116, 104), 255)
     assert transform.strict is True
     assert "HorizontalFlip" not in [type(t).__name__ for t in train_transform(crop_size=9, scale_range=(1, 1), flip=False).transforms]
+    with pytest.raises(ValueError, match="'scale_rnge' are not valid for transform RandomScaleCrop"):
+        RandomScaleCrop(crop_size=9, scale_rnge=(1, 2), strict=True)
+
+
+def textured(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3)).astype(np.uint8), (0, 0), 1.5)
+    return image, rng.integers(0, 21, (height, width)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.25, 1.5, 2.0])
+def test_scale_crop_equals_albumentations_scale_then_crop(scale):
+    """The crop interpolates only its own pixels, yet equals albumentations' RandomScale of the whole
+    image followed by a crop at the same offset, bit for bit (the image's sides times the scale are whole
+    numbers here, so both use the same scale; offsets that are whole scaled pixels)."""
+    image, mask = textured(120, 160)
+    crop, compared = 96, 0
+    reference_scale = A.Compose([A.RandomScale(scale_limit=(scale - 1, scale - 1), p=1.0)], strict=True)
+    scaled = reference_scale(image=image, mask=mask)
+    assert scaled["image"].shape[:2] == (int(120 * scale), int(160 * scale))
+    def whole_pixel_windows(size):
+        windows = {axis_window(size, scale, crop, u) for u in np.linspace(0, 0.9999, 500)}
+        return sorted(w for w in windows if (w.start * scale + w.skip).is_integer())
+
+    for rows, cols in zip(whole_pixel_windows(120), reversed(whole_pixel_windows(160))):
+        top, left = int(rows.start * scale + rows.skip), int(cols.start * scale + cols.skip)  # the crop's offset
+        expected = A.Crop(x_min=left, y_min=top, x_max=left + crop, y_max=top + crop)(**scaled)
+        out = RandomScaleCrop(crop_size=crop).apply(image, scale=scale, rows=rows, cols=cols)
+        out_mask = RandomScaleCrop(crop_size=crop).apply_to_mask(mask, scale=scale, rows=rows, cols=cols)
+        assert np.array_equal(out, expected["image"]) and np.array_equal(out_mask, expected["mask"])
+        compared += 1
+    assert compared >= 10
+
+
+def test_scale_crop_pads_a_small_side_like_pad_if_needed():
+    image, mask = textured(40, 160)  # at scale 1.5: 60 rows (padded to 96, centred), 240 columns (cropped)
+    scaled = A.RandomScale(scale_limit=(0.5, 0.5), p=1.0)(image=image, mask=mask)
+    padded = A.PadIfNeeded(min_height=96, min_width=96, position="center", border_mode=cv2.BORDER_CONSTANT,
+                           fill=MEAN_RGB_UINT8, fill_mask=255)(**scaled)  # fmt: skip
+    rows, cols = axis_window(40, 1.5, 96, 0.3), axis_window(160, 1.5, 96, 0.0)
+    assert rows == (0, 40, 0, 60, 18) and cols.start == 0
+    transform = RandomScaleCrop(crop_size=96, fill=MEAN_RGB_UINT8, fill_mask=255)
+    out = transform.apply(image, scale=1.5, rows=rows, cols=cols)
+    out_mask = transform.apply_to_mask(mask, scale=1.5, rows=rows, cols=cols)
+    assert np.array_equal(out, padded["image"][:, :96]) and np.array_equal(out_mask, padded["mask"][:, :96])
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.37, 2.0, 3.5])
+def test_crop_offsets_cover_the_scaled_image(scale):
+    """Every window stays inside the image, yields the crop, and the offsets span the whole scaled axis."""
+    size, crop = 90, 48
+    scaled = int(size * scale)
+    offsets = []
+    for u in np.linspace(0, 0.9999, 400):
+        window = axis_window(size, scale, crop, u)
+        assert 0 <= window.start < window.stop <= size and window.length == min(crop, scaled)
+        resized = cv2.resize(np.zeros((1, window.stop - window.start), np.uint8), None, fx=scale, fy=1)
+        assert resized.shape[1] >= window.skip + window.length  # the scaled window holds the crop
+        # The first crop pixel samples at or right of the window's first pixel (no replicated edge).
+        assert window.start == 0 or (window.skip + 0.5) / scale - 0.5 >= 0
+        offsets.append(window.start * scale + window.skip)
+        assert offsets[-1] + window.length <= max(scaled, crop) + 1e-9
+    if scaled <= crop:
+        assert set(offsets) == {0.0}
+    else:
+        assert min(offsets) == 0 and max(offsets) >= scaled - crop - scale - 1
 
 
 @pytest.mark.parametrize("scale_range", [(0.5, 1.5), (0.5, 2.0)])
@@ -114,6 +182,25 @@ def test_pad_collate_pads_image_mask_rgb_and_keeps_content():
     assert (batch["rgb"][1, :, 2:] == 0).all() and (batch["rgb"][1, :, :2] == 9).all()
     single = pad_collate([item(3, 5, 7)])
     assert single["mask"].shape == (1, 3, 5) and (single["mask"] == 7).all()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_batches_are_written_in_place_and_equal_the_items(synthetic_root, workers):
+    """The worker writes each crop straight into the batch (`__getitems__`): one buffer, in shared memory
+    in a worker, holding exactly what the per-item path gives for the same (index, seed) keys."""
+    dm = build_datamodule(cfg(synthetic_root, num_workers=workers, batch_size=4), seed=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    keys = list(loader.sampler)[:4]
+    batch = next(iter(loader))
+    items = [dm.train_dataset[key] for key in keys]
+    assert batch["name"] == [item["name"] for item in items]
+    assert torch.equal(batch["image"], torch.stack([item["image"] for item in items]))
+    assert torch.equal(batch["mask"], torch.stack([item["mask"] for item in items]))
+    assert batch["image"].shape == (4, 3, 65, 65) and batch["image"].dtype == batch["mask"].dtype == torch.uint8
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)  # stored as the crops are
+    assert batch["image"].untyped_storage().data_ptr() == batch["mask"].untyped_storage().data_ptr()
+    assert batch["image"].is_shared() == (workers > 0)
 
 
 def test_eval_loader_batches_images_of_different_sizes(tmp_path, synthetic_root):

@@ -186,13 +186,13 @@ def test_discrete_random_scales_as_tf_deeplab(tmp_path):
     from datamodules.transforms import discrete_scales, train_transform
 
     assert discrete_scales(0.5, 2.0, 0.25) == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
-    transform = train_transform(crop_size=40, scale_range=(0.5, 2.0), flip=False, seed=0, scale_step=0.25)
-    scale = transform.transforms[0]
+    # The crop is larger than any scaled image: the unpadded part of the mask is the scaled image.
+    transform = train_transform(crop_size=170, scale_range=(0.5, 2.0), flip=False, seed=0, scale_step=0.25)
     image, mask = np.zeros((80, 80, 3), np.uint8), np.zeros((80, 80), np.uint8)
     sides = set()
     for seed in range(60):
         transform.set_random_seed(seed)
-        sides.add(scale(image=image, mask=mask)["image"].shape[0])
+        sides.add(int((transform(image=image, mask=mask)["mask"][:, 85] != 255).sum()))
     assert sides == {40, 60, 80, 100, 120, 140, 160}
 
 

@@ -29,6 +29,17 @@ def test_prepare_batch_converts_uint8_and_leaves_normalised_floats_alone():
     assert prepare_batch(floats, IMAGENET_MEAN, IMAGENET_STD)["image"] is floats["image"]
 
 
+def test_prepare_batch_gives_the_requested_memory_format():
+    """Training batches arrive stored channels-last; the network gets the layout its `perf` asks for."""
+    rgb = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    stored_channels_last = rgb.permute(0, 3, 1, 2)
+    expected = normalise(stored_channels_last.contiguous(), IMAGENET_MEAN, IMAGENET_STD)
+    plain = prepare_batch({"image": stored_channels_last}, IMAGENET_MEAN, IMAGENET_STD)["image"]
+    assert plain.is_contiguous() and torch.equal(plain, expected)
+    last = prepare_batch({"image": stored_channels_last}, IMAGENET_MEAN, IMAGENET_STD, torch.channels_last)["image"]
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, expected)
+
+
 def test_the_load_api_and_the_module_normalise_alike():
     """api.Segmenter.normalise (H x W x 3 input) and the module's batch hook use the same function."""
     from deeplab_lit.api import Segmenter

@@ -143,10 +143,8 @@ class SegmentationModule(L.LightningModule):
     # ---------------------------------------------------------------------------- training
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 images become normalised floats here, on the device (deeplab_lit/preprocessing.py)."""
-        batch = prepare_batch(batch, self.mean, self.std)
-        if self.perf.channels_last:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        return batch
+        memory_format = torch.channels_last if self.perf.channels_last else torch.contiguous_format
+        return prepare_batch(batch, self.mean, self.std, memory_format)
 
     def on_fit_start(self) -> None:
         if self.perf.compile:  # in place: the state dict keeps its names, so checkpoints are unchanged
