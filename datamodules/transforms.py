@@ -18,6 +18,7 @@ is set, e.g. {0.5, 0.75, ..., 2.0}.
 from __future__ import annotations
 
 import math
+import random
 from typing import Annotated, Any, NamedTuple, Sequence
 
 import albumentations as A
@@ -117,9 +118,7 @@ class RandomScaleCrop(A.DualTransform):
         fill_mask: int = IGNORE_INDEX,
         p: float = 1.0,
     ):
-        super().__init__(p=p)
-        if not 0 < scale_range[0] <= scale_range[1] or (scales is not None and min(scales) <= 0):
-            raise ValueError(f"scales must be positive and scale_range ordered, got {scale_range} and {scales}")
+        super().__init__(p=p)  # the values are checked once, with the config (datamodules.validate_data_config)
         self.crop_size, self.scale_range, self.scales = crop_size, tuple(scale_range), scales
         self.fill, self.fill_mask = fill, fill_mask
 
@@ -146,6 +145,16 @@ class RandomScaleCrop(A.DualTransform):
         return ("crop_size", "scale_range", "scales", "fill", "fill_mask")
 
 
+def seed_transform(transform: A.Compose, seed: int) -> None:
+    """Seed a pipeline with one random stream that its transforms draw from in turn.
+
+    albumentations' `Compose.set_random_seed(seed)` (and `Compose(seed=...)`) gives every transform its
+    own generator seeded with the same `seed`, so the transforms' draws coincide: reseeded per sample, the
+    flip decision was the scale's own uniform draw (flipped exactly when the scale was below the middle of
+    the range; correlation -0.86 over 400 samples). `set_random_state` shares one generator instead."""
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 def train_transform(
     *, crop_size: int, scale_range: Sequence[float], flip: bool, seed: int | None = None, scale_step: float = 0.0
 ) -> A.Compose:
@@ -161,4 +170,7 @@ def train_transform(
     ]
     if flip:
         steps.append(A.HorizontalFlip(p=0.5))
-    return A.Compose(steps, strict=True, seed=seed)
+    transform = A.Compose(steps, strict=True)
+    if seed is not None:
+        seed_transform(transform, seed)
+    return transform

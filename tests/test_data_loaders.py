@@ -156,6 +156,24 @@ def test_random_scale_stays_in_the_range(tmp_path, scale_range):
     assert min(widths) < low + 0.25 and max(widths) > high - 0.25  # the range is used, not just its middle
 
 
+def test_flip_is_independent_of_the_scale_when_reseeded_per_sample(tmp_path):
+    """Per-sample seeds must not make the transforms' draws coincide (albumentations' own
+    `set_random_seed` seeds every transform alike: the flip was then the scale's draw, corr. -0.86)."""
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:, :20], mask[:, 20:] = 1, 2
+    dataset = one_image_dataset(tmp_path, mask, train_transform(crop_size=80, scale_range=(0.5, 1.5), flip=True, seed=0))
+    scales, flips = [], []
+    for seed in range(400):
+        out = dataset[(0, sample_seed(0, 0, seed))]["mask"].numpy()
+        columns = np.flatnonzero((out != 255).any(0))
+        scales.append(len(columns) / 40)
+        flips.append(out[40, columns[0]] == 2)  # the right half on the left
+    scales, flips = np.array(scales), np.array(flips)
+    assert abs(np.corrcoef(scales, flips)[0, 1]) < 0.15
+    for half in (scales < 1.0, scales >= 1.0):
+        assert 0.35 < flips[half].mean() < 0.65 and half.sum() > 120
+
+
 def test_flip_happens_only_when_enabled(tmp_path):
     mask = np.zeros((20, 20), np.uint8)
     mask[:, :10], mask[:, 10:] = 1, 2
