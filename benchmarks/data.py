@@ -5,7 +5,7 @@
 Writes VOC-sized (500x375) JPEGs and palette-PNG masks in VOC layout to a temporary directory
 (photo-like detail so they decode about as slowly as VOC's ~100 KB JPEGs), then times, each in a
 fresh process so glibc's malloc state is not shared between rows:
-  dataset   dataset[i] in a plain loop, glibc default malloc           (one worker, untuned)
+  dataset   batches of 10 made by the dataset in a plain loop, glibc default malloc (untuned)
   tuned     the same after the worker set-up (mallopt thresholds, cv2 single thread)
   loader    DataLoader with 1 worker and batch 10, through the real train_dataloader() (the worker
             also writes the batch into shared memory; its CPU time is read from /proc)
@@ -94,12 +94,14 @@ def measure(root: str, crop: int, mode: str, samples: int) -> dict[str, float]:
     cv2.setNumThreads(0)  # one core, as in a worker: only malloc differs between dataset and tuned
     if mode == "tuned":
         tune_malloc()
-    for i in range(10):
-        dataset[i % len(dataset)]  # warm-up
+    size = cfg.batch_size
+    batches = [[i % len(dataset) for i in range(start, start + size)] for start in range(0, samples, size)]
+    dataset.__getitems__(batches[0])  # warm-up
     wall, cpu = time.perf_counter(), time.process_time()
-    for i in range(samples):
-        dataset[i % len(dataset)]
-    return {"wall": samples / (time.perf_counter() - wall), "cpu": samples / (time.process_time() - cpu)}
+    for keys in batches:
+        dataset.__getitems__(keys)  # what the DataLoader's worker calls for a batch
+    done = len(batches) * size
+    return {"wall": done / (time.perf_counter() - wall), "cpu": done / (time.process_time() - cpu)}
 
 
 def main() -> None:
