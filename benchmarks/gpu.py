@@ -27,7 +27,7 @@ v3_train_os8, v3plus; `model.pretrained=none`, random inputs and labels, 21 clas
 
 Without a CUDA device (or with --smoke) every code path runs in a CPU smoke mode on tiny inputs (ResNet-50,
 crop 65, batch 2, one step without warm-up, CRF on 100x75 crops; peak memory "n/a": the CPU has no
-allocator statistics) in under a minute on two cores; it prints "no CUDA device: CPU smoke mode --
+allocator statistics, and benchmarks/memory.py counts it with fake tensors instead) in under a minute on two cores; it prints "no CUDA device: CPU smoke mode --
 figures are not GPU measurements" and the JSON says "smoke": true. --quick is a short GPU run (5 steps per
 row, memory batches 6 and 16, 3 evaluation images) for a 10-minute device session. The default run (30
 steps per row, 20 evaluation images) should take 3-5 minutes on an H100/H200 (estimated from its FLOP
