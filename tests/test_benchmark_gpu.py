@@ -1,6 +1,7 @@
 """benchmarks/gpu.py: the CPU smoke mode's JSON (schema 1), the peak table, OOM rows, and a --quick GPU run."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -32,15 +33,25 @@ UNITS = {"train_throughput": "img/s", "train_mfu": "%", "train_peak_memory": "Gi
 HAS_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
 
 
+@contextlib.contextmanager
+def script_module(path: Path, name: str):
+    """A benchmark script as a module, registered under `name` while in use (first: dataclasses look
+    themselves up in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def gpu():
-    """benchmarks/gpu.py as a module (registered first: its dataclasses look themselves up there)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    """benchmarks/gpu.py as a module."""
+    with script_module(SCRIPT, "benchmarks_gpu") as module:
+        yield module
 
 
 def run_script(tmp_path, *args, timeout):

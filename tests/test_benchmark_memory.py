@@ -1,8 +1,6 @@
 """benchmarks/memory.py: the fake-tensor count of a training step's peak memory."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 
 from deeplab_lit.config import resolve_experiment
 from deeplab_lit.models import build_model
+from test_benchmark_gpu import script_module
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
 RESNET50 = ("model.backbone=resnet50",)
@@ -17,11 +16,8 @@ RESNET50 = ("model.backbone=resnet50",)
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("benchmarks_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    with script_module(SCRIPT, "benchmarks_memory") as module:
+        yield module
 
 
 def test_the_count_holds_the_network_and_activations_grow_with_the_batch(memory):
