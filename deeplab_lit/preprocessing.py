@@ -1,10 +1,10 @@
 """Images travel as 8-bit and become network inputs on the device, in one place.
 
 DataLoader workers decode and augment 8-bit RGB, and batches carry it as uint8 N x 3 x H x W (masks as
-uint8 N x H x W, 255 = ignore; training images are stored channels-last, as decoded): a quarter of the bytes of float32 to collate into shared memory and to
-copy to the GPU, which is what kept one worker below the GPU's appetite. The float conversion and the
-dataset's mean/std normalisation happen after the transfer, here, for training, evaluation, the CRF
-search and the load API alike (`api.Segmenter`), so every path feeds the network the same numbers.
+uint8 N x H x W, 255 = ignore; training images are stored channels-last, as decoded): a quarter of the
+bytes of float32 to write into shared memory and to copy to the GPU, which is what kept one worker below
+the GPU's appetite. The float conversion and the dataset's mean/std normalisation happen after the
+transfer, here, for training, evaluation, the CRF search and the load API alike (`api.Segmenter`), so every path feeds the network the same numbers.
 
 Padding: augmentation pads crops with the dataset's mean colour as 8-bit RGB (`MEAN_RGB_UINT8`), which
 normalises to within 0.006 of 0; inference pads normalised images with exactly 0 (inference.py).
@@ -32,7 +32,8 @@ def prepare_batch(
 ) -> dict:
     """A collated batch on its device: normalised float images in `memory_format` (training batches
     arrive stored channels-last, as the workers wrote the crops), int64 masks (what the loss indexes
-    with). Batches that are already float (a user's own loader) are taken as normalised and left alone."""
+    with). Batches that are already float (a user's own loader) are taken as normalised: only their memory
+    format is set."""
     image = batch["image"]
     if image.dtype == torch.uint8:
         image = normalise(image, mean, std)
