@@ -4,7 +4,8 @@ DataLoader workers decode and augment 8-bit RGB, and batches carry it as uint8 N
 uint8 N x H x W, 255 = ignore; training images are stored channels-last, as decoded): a quarter of the
 bytes of float32 to write into shared memory and to copy to the GPU, which is what kept one worker below
 the GPU's appetite. The float conversion and the dataset's mean/std normalisation happen after the
-transfer, here, for training, evaluation, the CRF search and the load API alike (`api.Segmenter`), so every path feeds the network the same numbers.
+transfer, here, for training, evaluation, the CRF search and the load API alike (`api.Segmenter`), so
+every path feeds the network the same numbers.
 
 Padding: augmentation pads crops with the dataset's mean colour as 8-bit RGB (`MEAN_RGB_UINT8`), which
 normalises to within 0.006 of 0; inference pads normalised images with exactly 0 (inference.py).
